@@ -1,0 +1,337 @@
+"""One validated schema for every section of an experiment.
+
+A config is one YAML file (optionally `base:` other files: a base file + model size + dataset) plus
+`key.sub=value` overrides. Unknown keys are rejected with a did-you-mean suggestion, wrong types name
+the key path and the expected type, and the resolved config is saved in every run folder and checkpoint
+together with `SCHEMA_VERSION`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dfineseg.overrides import ConfigError, deep_merge, load_yaml_with_bases, parse_overrides
+
+SCHEMA_VERSION = 1
+
+ModelSize = Literal["tiny", "n", "s", "m", "l", "x"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _imgsz(value: Any) -> tuple[int, int]:
+    """`640` -> (640, 640); `[480, 640]` -> (H=480, W=640). Multiples of 32 only."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        hw = (int(value), int(value))
+    elif isinstance(value, list | tuple) and len(value) == 2:
+        hw = (int(value[0]), int(value[1]))
+    else:
+        raise ValueError("expected an int or [height, width]")
+    for side in hw:
+        if side <= 0 or side % 32:
+            raise ValueError(f"each side must be a positive multiple of 32, got {list(hw)}")
+    return hw
+
+
+# ---------------------------------------------------------------- data and augmentation
+class AugmentStep(Section):
+    """An augmentation with a probability and the epoch from which it is switched off (None: never)."""
+
+    p: float = Field(0.5, ge=0.0, le=1.0)
+    off_epoch: int | None = None
+
+
+class MosaicConfig(AugmentStep):
+    p: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class AffineConfig(AugmentStep):
+    degrees: float = 0.0
+    translate: float = Field(0.1, ge=0.0, le=0.5)
+    scale: tuple[float, float] = (0.5, 1.5)
+    shear: float = 0.0
+
+
+class PhotometricConfig(AugmentStep):
+    brightness: float = Field(0.2, ge=0.0, le=1.0)
+    contrast: float = Field(0.2, ge=0.0, le=1.0)
+    hsv_h: float = Field(0.015, ge=0.0, le=0.5)
+    hsv_s: float = Field(0.5, ge=0.0, le=1.0)
+    hsv_v: float = Field(0.3, ge=0.0, le=1.0)
+    gamma: float = Field(0.2, ge=0.0, le=1.0)
+    blur_p: float = Field(0.05, ge=0.0, le=1.0)
+    noise_p: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class MultiScaleConfig(AugmentStep):
+    """Per-batch input size drawn from [min, max] in steps of 32 (D-FINE: 480..800 at 640)."""
+
+    p: float = Field(0.0, ge=0.0, le=1.0)
+    min_frac: float = Field(0.75, gt=0.0, le=1.0)
+    max_frac: float = Field(1.25, ge=1.0, le=2.0)
+
+
+class AugmentConfig(Section):
+    mosaic: MosaicConfig = MosaicConfig()
+    affine: AffineConfig = AffineConfig()
+    hflip: AugmentStep = AugmentStep(p=0.5)
+    photometric: PhotometricConfig = PhotometricConfig()
+    multiscale: MultiScaleConfig = MultiScaleConfig()
+    no_aug_last_epochs: int = Field(0, ge=0, description="strong augmentation off for the last N epochs")
+
+
+class DataConfig(Section):
+    path: str | None = Field(None, description="data.yaml (YOLO), a COCO json, or a COCO folder")
+    imgsz: tuple[int, int] = (640, 640)
+    resize: Literal["stretch", "letterbox"] = "stretch"
+    train_split: str = "train"
+    val_split: str = "val"
+    workers: int = Field(2, ge=0)
+    cache_dir: str | None = Field(None, description="index cache; never inside the dataset (default ~/.cache/dfineseg)")
+    augment: AugmentConfig = AugmentConfig()
+
+    _imgsz = field_validator("imgsz", mode="before")(lambda cls, v: _imgsz(v))
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().exists():
+            raise ValueError(f"dataset path does not exist: {value} (point data= at a data.yaml, a COCO json or folder)")
+        return value
+
+
+# ---------------------------------------------------------------- model
+class MaskHeadConfig(Section):
+    fpn_channels: int = Field(64, ge=8, description="width of the stride-8 fusion (paper: 256)")
+    mask_channels: int = Field(64, ge=8, description="width of the 1/4-resolution features (paper: 256)")
+    embed_layers: int = Field(3, ge=1)
+
+
+class ModelConfig(Section):
+    size: ModelSize = "n"
+    task: Literal["detect", "segment"] = "segment"
+    num_classes: int | None = Field(None, ge=1, description="default: from the dataset")
+    num_queries: int = Field(300, ge=1)
+    num_denoising: int = Field(100, ge=0)
+    mask_head: MaskHeadConfig = MaskHeadConfig()
+    weights: str | None = Field(None, description="official D-FINE .pth or a dfineseg checkpoint to start from")
+    backbone_weights: str | None = Field(None, description="HGNetv2 ImageNet weights (keys without 'backbone.')")
+    freeze_backbone: bool = False
+
+
+# ---------------------------------------------------------------- losses and matcher
+class LossConfig(Section):
+    vfl: float = 1.0
+    l1: float = 5.0
+    giou: float = 2.0
+    fgl: float = 0.15
+    ddf: float = 1.5
+    mask_bce: float = 1.0
+    mask_dice: float = 1.0
+    focal_alpha: float = 0.75
+    focal_gamma: float = 2.0
+    match_class: float = 2.0
+    match_l1: float = 5.0
+    match_giou: float = 2.0
+    match_mask: float = 1.0
+    match_dice: float = 1.0
+    match_alpha: float = 0.25
+    match_gamma: float = 2.0
+    # Stable-DINO (seed 004, sections 2.2-2.3); off by default.
+    position_supervised_cls: bool = False
+    position_modulated_cost: bool = False
+
+
+# ---------------------------------------------------------------- training
+class TrainConfig(Section):
+    name: str = "exp"
+    project: str = "runs"
+    exist_ok: bool = False
+    epochs: int = Field(50, ge=1)
+    time: float | None = Field(None, gt=0, description="minutes; overrides epochs and fits the schedule to it")
+    batch: int = Field(8, ge=1)
+    accumulate: int = Field(1, ge=1)
+    lr: float | None = Field(None, gt=0, description="default: the size's official value")
+    backbone_lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_iters: int = Field(500, ge=0)
+    scheduler: Literal["flatcosine", "onecycle", "constant"] = "flatcosine"
+    flat_frac: float = Field(0.5, ge=0.0, le=1.0, description="flat part of flat-cosine")
+    min_lr_frac: float = Field(0.05, ge=0.0, le=1.0)
+    ema: bool = True
+    ema_decay: float = Field(0.9998, gt=0, lt=1)
+    ema_warmup: int = Field(1000, ge=0)
+    amp: bool = True
+    clip_grad: float | None = 0.1
+    seed: int = 0
+    deterministic: bool = False
+    patience: int | None = Field(None, ge=1, description="early stopping: epochs without improvement")
+    save_every_steps: int | None = Field(None, ge=1)
+    best_metric: str = "mask_f1"
+    max_nonfinite: int = Field(10, ge=1, description="consecutive non-finite losses before the run stops")
+    val_every: int = Field(1, ge=1)
+    plot_images: int = Field(4, ge=0)
+    device: str = "auto"
+    resume: str | None = None
+    gpus: int = Field(1, ge=1)
+
+
+# ---------------------------------------------------------------- evaluation, export, inference, bench
+class EvalConfig(Section):
+    conf: float = Field(0.5, ge=0.0, le=1.0)
+    class_conf: dict[str, float] | None = None
+    iou: float = Field(0.5, ge=0.0, le=1.0, description="match threshold of the paper's protocol (IoU > iou)")
+    map_conf: float = Field(0.01, ge=0.0, le=1.0)
+    max_det: int = Field(100, ge=1)
+    nms_iou: float | None = Field(None, gt=0, le=1, description="class-aware NMS; None: off (DETR needs none)")
+    split: str = "val"
+    batch: int = Field(4, ge=1)
+    plots: bool = True
+
+
+class ExportConfig(Section):
+    formats: list[Literal["onnx", "openvino", "tensorrt"]] = ["onnx", "openvino"]
+    half: bool = False
+    int8: bool = False
+    batch: int = Field(1, ge=1)
+    dynamic_batch: bool = False
+    imgsz: tuple[int, int] | None = None
+    topk: int = Field(100, ge=1)
+    opset: int = Field(19, ge=17)
+    simplify: bool = True
+    gather_sampler: bool = False
+    parity: bool = True
+    parity_images: int = Field(8, ge=1)
+    int8_max_drop: float = Field(0.01, ge=0.0)
+    int8_calib_size: int = Field(100, ge=1)
+    workspace_gb: float = Field(4.0, gt=0)
+    out: str | None = Field(None, description="default: the checkpoint's folder")
+
+    _imgsz = field_validator("imgsz", mode="before")(lambda cls, v: None if v is None else _imgsz(v))
+
+
+class InferConfig(Section):
+    model: str | None = None
+    source: str | None = None
+    out: str = "runs/infer"
+    conf: float | None = Field(None, ge=0.0, le=1.0, description="default: the threshold stored in the model")
+    device: str = "cpu"
+    half: bool = False
+    precision: Literal["f32", "f16", "bf16"] | None = None
+    threads: int | None = Field(None, ge=1)
+    save_images: bool = True
+    save_json: bool = True
+    save_txt: bool = False
+    save_crops: bool = False
+    mask_alpha: float = Field(0.45, ge=0.0, le=1.0)
+
+
+class BenchConfig(Section):
+    formats: list[str] = ["torch", "onnx", "ov-fp32", "ov-fp16", "ov-int8", "trt-fp16"]
+    images: int | None = Field(None, ge=1, description="validation images measured (default: all)")
+    warmup: int = Field(10, ge=0)
+    threads: int | None = Field(None, ge=1)
+    out: str = "runs/bench"
+    peers: list[str] = []
+
+
+class Config(Section):
+    schema_version: int = SCHEMA_VERSION
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    infer: InferConfig = InferConfig()
+    bench: BenchConfig = BenchConfig()
+
+    @model_validator(mode="after")
+    def _schema(self) -> Config:
+        if self.schema_version > SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {self.schema_version} is newer than this dfineseg ({SCHEMA_VERSION}); upgrade dfineseg"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+# Short keys accepted on the command line, per subcommand, so `dfineseg train data=x epochs=3` works.
+TRAIN_ALIASES = {
+    "data": "data.path", "imgsz": "data.imgsz", "resize": "data.resize", "workers": "data.workers",
+    "epochs": "train.epochs", "time": "train.time", "batch": "train.batch", "lr": "train.lr",
+    "name": "train.name", "project": "train.project", "seed": "train.seed", "device": "train.device",
+    "resume": "train.resume", "amp": "train.amp", "patience": "train.patience", "exist_ok": "train.exist_ok",
+    "size": "model.size", "task": "model.task", "weights": "model.weights", "gpus": "train.gpus",
+    "conf": "eval.conf",
+}
+
+
+def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """Upgrade configs written by older schema versions (none yet: version 1 is the first)."""
+    return raw
+
+
+def _suggest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; allowed keys: {', '.join(sorted(allowed))}"
+
+
+def _section_fields(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            hint = _suggest(str(loc[-1]), _section_fields(loc[:-1]))
+            lines.append(f"  - unknown key '{path}'{hint}")
+        else:
+            got = err.get("input")
+            got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  - {path}: {err['msg']}{got_txt}")
+    return "\n".join(lines)
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(_migrate(raw))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    aliases: dict[str, str] | None = None,
+) -> Config:
+    """Base YAML (with its `base:` chain) + overrides -> validated Config."""
+    raw: dict[str, Any] = load_yaml_with_bases(path) if path else {}
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides, aliases if aliases is not None else TRAIN_ALIASES)
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    source = str(path) if path else "command line"
+    return build_config(raw, source)
