@@ -40,6 +40,13 @@ def _imgsz(value: Any) -> tuple[int, int]:
     return hw
 
 
+def _comma_list(value: Any) -> Any:
+    """`format=onnx,openvino` on the command line arrives as a string."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
 # ---------------------------------------------------------------- data and augmentation
 class AugmentStep(Section):
     """An augmentation with a probability and the epoch from which it is switched off (None: never)."""
@@ -186,6 +193,8 @@ class TrainConfig(Section):
 
 # ---------------------------------------------------------------- evaluation, export, inference, bench
 class EvalConfig(Section):
+    weights: str | None = Field(None, description="checkpoint or exported model to validate")
+    out: str | None = Field(None, description="output folder (default runs/val/<name>)")
     conf: float = Field(0.5, ge=0.0, le=1.0)
     class_conf: dict[str, float] | None = None
     iou: float = Field(0.5, ge=0.0, le=1.0, description="match threshold of the paper's protocol (IoU > iou)")
@@ -198,6 +207,7 @@ class EvalConfig(Section):
 
 
 class ExportConfig(Section):
+    weights: str | None = Field(None, description="the checkpoint to export")
     formats: list[Literal["onnx", "openvino", "tensorrt"]] = ["onnx", "openvino"]
     half: bool = False
     int8: bool = False
@@ -216,6 +226,7 @@ class ExportConfig(Section):
     out: str | None = Field(None, description="default: the checkpoint's folder")
 
     _imgsz = field_validator("imgsz", mode="before")(lambda cls, v: None if v is None else _imgsz(v))
+    _formats = field_validator("formats", mode="before")(lambda cls, v: _comma_list(v))
 
 
 class InferConfig(Section):
@@ -234,13 +245,20 @@ class InferConfig(Section):
     mask_alpha: float = Field(0.45, ge=0.0, le=1.0)
 
 
+BENCH_FORMATS = Literal["torch", "onnx", "onnx-fp16", "ov-fp32", "ov-fp16", "ov-int8", "trt-fp16"]
+
+
 class BenchConfig(Section):
-    formats: list[str] = ["torch", "onnx", "ov-fp32", "ov-fp16", "ov-int8", "trt-fp16"]
+    weights: str | None = Field(None, description="trained checkpoint (the demo model by default)")
+    formats: list[BENCH_FORMATS] = ["torch", "onnx", "ov-fp32", "ov-fp16", "ov-int8", "trt-fp16"]
     images: int | None = Field(None, ge=1, description="validation images measured (default: all)")
     warmup: int = Field(10, ge=0)
     threads: int | None = Field(None, ge=1)
     out: str = "runs/bench"
-    peers: list[str] = []
+    peers: list[str] = Field([], description="Ultralytics YOLO-seg models exported to ONNX/OpenVINO by the user")
+    batch: int = Field(1, ge=1)
+
+    _formats = field_validator("formats", "peers", mode="before")(lambda cls, v: _comma_list(v))
 
 
 class Config(Section):
@@ -277,6 +295,22 @@ TRAIN_ALIASES = {
     "resume": "train.resume", "amp": "train.amp", "patience": "train.patience", "exist_ok": "train.exist_ok",
     "size": "model.size", "task": "model.task", "weights": "model.weights", "gpus": "train.gpus",
     "conf": "eval.conf",
+}
+VAL_ALIASES = {
+    "weights": "eval.weights", "model": "eval.weights", "data": "data.path", "conf": "eval.conf",
+    "split": "eval.split", "out": "eval.out", "imgsz": "data.imgsz", "batch": "eval.batch",
+}
+EXPORT_ALIASES = {
+    "weights": "export.weights", "format": "export.formats", "formats": "export.formats", "half": "export.half",
+    "int8": "export.int8", "batch": "export.batch", "dynamic_batch": "export.dynamic_batch",
+    "imgsz": "export.imgsz", "topk": "export.topk", "data": "data.path", "out": "export.out",
+    "opset": "export.opset", "simplify": "export.simplify", "parity": "export.parity",
+    "gather_sampler": "export.gather_sampler",
+}
+BENCH_ALIASES = {
+    "weights": "bench.weights", "data": "data.path", "formats": "bench.formats", "format": "bench.formats",
+    "images": "bench.images", "imgsz": "data.imgsz", "out": "bench.out", "threads": "bench.threads",
+    "conf": "eval.conf", "peers": "bench.peers", "warmup": "bench.warmup",
 }
 
 

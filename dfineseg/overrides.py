@@ -12,8 +12,10 @@ from typing import Any
 
 import yaml
 
+from dfineseg.infer.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user-facing configuration problem; the message names the file or key and the fix."""
 
 
@@ -95,15 +97,7 @@ def load_yaml_with_bases(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict
     for base in [bases] if isinstance(bases, str) else list(bases):
         base_path = Path(base)
         if not base_path.is_absolute():
-            candidate = path.parent / base_path
-            base_path = candidate if candidate.exists() else _packaged_config(base_path)
+            base_path = path.parent / base_path
         merged = deep_merge(merged, load_yaml_with_bases(base_path, _seen + (path,)))
     return deep_merge(merged, data)
 
-
-def _packaged_config(name: Path) -> Path:
-    """Configs shipped inside the package (`dfineseg/configs/*.yaml`), e.g. `base: base.yaml`."""
-    here = Path(__file__).parent / "configs" / name.name
-    if here.exists():
-        return here
-    raise ConfigError(f"base config '{name}' not found next to the including file or in {here.parent}")

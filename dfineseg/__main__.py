@@ -1,0 +1,5 @@
+import sys
+
+from dfineseg.cli import main
+
+sys.exit(main())

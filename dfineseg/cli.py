@@ -1,0 +1,149 @@
+"""`dfineseg <command> [--config FILE] key=value ...`: one command shape for every mode.
+
+Subcommands are imported lazily so `dfineseg infer` runs on an edge install without torch or pydantic.
+A `UserError` (bad config, dataset, weights, model file, image) is printed as one message and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+
+from dfineseg.infer.errors import UserError
+
+EXAMPLES = {
+    "train": "dfineseg train --config configs/demo.yaml data=datasets/demo/data.yaml model.size=n imgsz=320 epochs=30",
+    "val": "dfineseg val weights=runs/demo/best.pt data=datasets/demo/data.yaml conf=0.5",
+    "export": "dfineseg export weights=runs/demo/best.pt format=onnx,openvino int8=true",
+    "infer": "dfineseg infer model=runs/demo/model.onnx source=images/ out=runs/infer conf=0.5",
+    "bench": "dfineseg bench weights=runs/demo/best.pt data=datasets/demo/data.yaml formats=torch,onnx,ov-fp32",
+    "data": "dfineseg data check data=datasets/demo/data.yaml | dfineseg data synth datasets/demo --train 200 --val 50",
+}
+
+HELP = {
+    "train": "train D-FINE-seg on a YOLO or COCO dataset (resume=runs/x/last.pt to continue)",
+    "val": "evaluate a checkpoint or exported model on a split (paper F1 + COCO mAP)",
+    "export": "export a checkpoint to ONNX / OpenVINO (FP32, FP16, INT8) / TensorRT, parity-checked",
+    "infer": "run any model file on images, folders, globs, videos or a webcam",
+    "bench": "latency and accuracy of every format under the paper's protocol",
+    "data": "dataset tools: `check` validates a dataset, `synth` writes the demo dataset",
+}
+
+
+def _config_command(aliases_name: str, api_name: str) -> Callable[[argparse.Namespace], int]:
+    """train/val/export/bench: validated Config from --config + overrides, then `dfineseg.api.<name>`."""
+
+    def run(ns: argparse.Namespace) -> int:
+        from dfineseg import config as config_module
+
+        aliases = getattr(config_module, aliases_name)
+        cfg = config_module.load_config(ns.config, ns.overrides, aliases=aliases)
+        api = _import_stage("dfineseg.api", ns.command)
+        getattr(api, api_name)(cfg)
+        return 0
+
+    return run
+
+
+def _run_infer(ns: argparse.Namespace) -> int:
+    infer_cli = _import_stage("dfineseg.infer_cli", "infer")
+    return int(infer_cli.run_infer(ns.overrides, config=ns.config) or 0)
+
+
+def _run_data(ns: argparse.Namespace) -> int:
+    if ns.action == "check":
+        from dfineseg.overrides import parse_overrides
+
+        opts = parse_overrides(ns.rest, aliases={"path": "data"})
+        unknown = set(opts) - {"data", "splits"}
+        if unknown or "data" not in opts:
+            raise UserError(
+                "usage: dfineseg data check data=PATH [splits=[train,val]]"
+                + (f" (unknown keys: {', '.join(sorted(unknown))})" if unknown else "")
+            )
+        checks = _import_stage("dfineseg.data.checks", "data check")
+        splits = opts.get("splits")
+        if isinstance(splits, str):
+            splits = [s for s in splits.split(",") if s]
+        report = checks.run_check(str(opts["data"]), splits=splits)
+        return 1 if getattr(report, "fatal", False) else 0
+    parser = argparse.ArgumentParser(prog="dfineseg data synth", description="write the generated demo dataset")
+    parser.add_argument("out", help="output folder (created)")
+    parser.add_argument("--train", type=int, default=200, help="training images (default 200)")
+    parser.add_argument("--val", type=int, default=50, help="validation images (default 50)")
+    parser.add_argument("--coco", action="store_true", help="also write COCO json annotations")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
+    args = parser.parse_args(ns.rest)
+    synthetic = _import_stage("dfineseg.data.synthetic", "data synth")
+    data_yaml = synthetic.write_synthetic_dataset(args.out, n_train=args.train, n_val=args.val, coco=args.coco, seed=args.seed)
+    print(f"wrote {args.train} train + {args.val} val images: {data_yaml}")
+    return 0
+
+
+def _import_stage(module: str, command: str):
+    """Import a subcommand's implementation; a stage not built yet says so instead of a traceback."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
+            raise UserError(f"`dfineseg {command}` is not available in this build ({module} is missing)") from None
+        if exc.name in {"torch", "pydantic", "scipy"}:
+            raise UserError(
+                f"`dfineseg {command}` needs the training extras ({exc.name} is not installed): "
+                'pip install "dfineseg[train]"'
+            ) from None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfineseg",
+        description="D-FINE-seg: train, validate, export, infer and benchmark. "
+        "Every command takes `--config FILE` plus `key=value` overrides (`section.key=value` for any config key).",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="{train,val,export,infer,bench,data}")
+    handlers = {
+        "train": _config_command("TRAIN_ALIASES", "train"),
+        "val": _config_command("VAL_ALIASES", "val"),
+        "export": _config_command("EXPORT_ALIASES", "export"),
+        "bench": _config_command("BENCH_ALIASES", "bench"),
+        "infer": _run_infer,
+    }
+    for name, handler in handlers.items():
+        p = sub.add_parser(name, help=HELP[name], description=HELP[name], epilog=f"example: {EXAMPLES[name]}")
+        p.add_argument("--config", "-c", default=None, help="experiment YAML (may `base:` other files)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=10 model.size=s")
+        p.set_defaults(handler=handler)
+    p = sub.add_parser("data", help=HELP["data"], description=HELP["data"], epilog=f"example: {EXAMPLES['data']}")
+    p.add_argument("action", choices=["check", "synth"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="check: data=PATH; synth: OUT --train N --val M [--coco] [--seed S]")
+    p.set_defaults(handler=_run_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.version:
+        from dfineseg import __version__
+
+        print(__version__)
+        return 0
+    if not ns.command:
+        parser.print_help()
+        return 2
+    try:
+        return ns.handler(ns)
+    except UserError as exc:
+        print(f"dfineseg {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dfineseg {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

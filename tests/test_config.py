@@ -1,0 +1,122 @@
+"""The one config: validation messages, overrides, base files, saving with a schema version."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from dfineseg.config import (
+    EXPORT_ALIASES,
+    SCHEMA_VERSION,
+    Config,
+    load_config,
+)
+from dfineseg.overrides import ConfigError, parse_overrides
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    cfg = load_config()
+    assert cfg.schema_version == SCHEMA_VERSION
+    out = tmp_path / "config.yaml"
+    cfg.save(out)
+    again = load_config(out)
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_every_section_is_declared():
+    assert set(Config.model_fields) >= {"data", "model", "train", "eval", "export", "infer", "bench", "loss"}
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["train.epohcs=3"])
+    assert "unknown key 'train.epohcs'" in str(err.value)
+    assert "did you mean 'epochs'" in str(err.value)
+
+
+def test_unknown_section_suggests_the_close_one(tmp_path):
+    bad = tmp_path / "exp.yaml"
+    bad.write_text("modle:\n  size: s\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(bad) in str(err.value)
+    assert "did you mean 'model'" in str(err.value)
+
+
+def test_wrong_type_names_the_key_path_and_type():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["train.batch=many"])
+    assert "train.batch" in str(err.value)
+    assert "integer" in str(err.value)
+
+
+def test_bad_literal_lists_the_choices():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["model.size=q"])
+    assert "model.size" in str(err.value) and "'n'" in str(err.value)
+
+
+def test_missing_dataset_path_is_named(tmp_path):
+    missing = tmp_path / "nowhere" / "data.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"data={missing}"])
+    assert str(missing) in str(err.value)
+
+
+def test_imgsz_must_be_multiple_of_32():
+    assert load_config(overrides=["imgsz=[480,640]"]).data.imgsz == (480, 640)
+    assert load_config(overrides=["imgsz=320"]).data.imgsz == (320, 320)
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        load_config(overrides=["imgsz=300"])
+
+
+def test_dotted_overrides_and_aliases_types():
+    cfg = load_config(overrides=["epochs=3", "model.mask_head.mask_channels=32", "train.amp=false", "lr=1e-4"])
+    assert cfg.train.epochs == 3 and cfg.model.mask_head.mask_channels == 32
+    assert cfg.train.amp is False and cfg.train.lr == pytest.approx(1e-4)
+    exp = load_config(overrides=["format=onnx,openvino", "half=true", "topk=50"], aliases=EXPORT_ALIASES)
+    assert exp.export.formats == ["onnx", "openvino"] and exp.export.half and exp.export.topk == 50
+
+
+def test_override_without_equals_is_explained():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["epochs"])
+
+
+def test_base_chain_merges_in_order(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  epochs: 10\n  batch: 4\n")
+    (tmp_path / "size.yaml").write_text("model:\n  size: s\ntrain:\n  batch: 2\n")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("base: [base.yaml, size.yaml]\ntrain:\n  epochs: 20\n")
+    cfg = load_config(exp, overrides=["train.seed=7"])
+    assert (cfg.model.size, cfg.train.batch, cfg.train.epochs, cfg.train.seed) == ("s", 2, 20, 7)
+
+
+def test_base_cycle_is_reported(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 3\n  batch: [1, 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(bad) in str(err.value) and "line" in str(err.value)
+
+
+def test_newer_schema_is_refused():
+    with pytest.raises(ConfigError, match="newer"):
+        load_config(overrides=[f"schema_version={SCHEMA_VERSION + 1}"])
+
+
+def test_repository_configs_validate(tmp_path):
+    from conftest import REPO_ROOT
+
+    for path in sorted((REPO_ROOT / "configs").rglob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        data_path = (raw or {}).get("data", {}).get("path")
+        overrides = [f"data.path={tmp_path}"] if data_path else []  # demo data may not exist yet
+        load_config(path, overrides=overrides)
