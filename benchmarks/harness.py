@@ -1,0 +1,317 @@
+"""`dfineseg bench`: latency and accuracy of every format under the D-FINE-seg paper's protocol.
+
+Protocol (paper section 5; dfine-facts section 9): batch 1; warm up on `warmup` images; then per
+validation image, already decoded into memory: synchronise, start the timer, preprocess + forward +
+postprocess (masks at original resolution), synchronise, stop. The raw forward is timed separately on
+the same preprocessed inputs. Accuracy (F1/P/R/penalised IoU at the fixed threshold, COCO mAP at conf
+0.01) comes from the same artefact in the same process: nothing is re-exported between the two.
+
+A format that cannot run here (no TensorRT, no GPU) is reported as skipped with the reason; a format
+that fails is reported as failed with the error, and the others still run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dfineseg.benchmarks.machine import describe, machine_info
+from dfineseg.infer.errors import BackendUnavailableError, UserError
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """How a bench format maps to an exported artefact and the options it runs with."""
+
+    artefact: str | None  # relative to the export folder; None: the checkpoint itself
+    options: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)  # export config that produces the artefact
+    note: str = ""
+
+
+FORMATS: dict[str, FormatSpec] = {
+    "torch": FormatSpec(None, note="PyTorch eager, fp32"),
+    "onnx": FormatSpec("model.onnx", export={"formats": ["onnx"]}, note="ONNX Runtime CPU, fp32"),
+    "onnx-fp16": FormatSpec("model_fp16.onnx", export={"formats": ["onnx"], "half": True},
+                            note="FP16 ONNX (the TensorRT 11 input) in ONNX Runtime"),
+    "ov-fp32": FormatSpec("openvino/model.xml", {"precision": "f32"}, {"formats": ["openvino"]},
+                          note="OpenVINO, FP32 weights, INFERENCE_PRECISION_HINT=f32"),
+    "ov-fp16": FormatSpec("openvino_fp16/model.xml", {}, {"formats": ["openvino"], "half": True},
+                          note="OpenVINO, FP16-compressed weights, device default precision"),
+    "ov-int8": FormatSpec("openvino_int8/model.xml", {}, {"formats": ["openvino"], "int8": True},
+                          note="OpenVINO INT8 (NNCF), device default precision for the float parts"),
+    "trt-fp16": FormatSpec("model.engine", {"device": "cuda"}, {"formats": ["tensorrt"], "half": True},
+                           note="TensorRT FP16 engine"),
+}
+
+COLUMNS = ["format", "status", "e2e_mean_ms", "e2e_p50_ms", "e2e_p95_ms", "raw_mean_ms", "raw_p50_ms",
+           "raw_p95_ms", "e2e_over_raw", "f1", "precision", "recall", "penalized_iou", "map50_95", "map50",
+           "params_m", "size_mb", "backend", "device", "compute_precision", "images", "file", "reason"]
+
+
+def latency_stats(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+    if ms.size == 0:
+        return {"mean": float("nan"), "p50": float("nan"), "p95": float("nan")}
+    return {"mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95))}
+
+
+def file_size_mb(path: Path) -> float:
+    """Size on disk of a model, with its OpenVINO .bin or external-data sidecars."""
+    files = [path]
+    if path.suffix == ".xml":
+        files.append(path.with_suffix(".bin"))
+    files += list(path.parent.glob(path.name + ".data"))
+    return sum(f.stat().st_size for f in files if f.is_file()) / 1e6
+
+
+@dataclass
+class BenchInputs:
+    """The evaluation images, decoded once and kept in memory (the protocol times no disk reads)."""
+
+    index: Any
+    images: list[np.ndarray]
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [rec.image_id for rec in self.index.images]
+
+
+def load_bench_inputs(data_path: str, split: str, limit: int | None) -> BenchInputs:
+    from dfineseg.data import load_index, read_image
+
+    index = load_index(data_path, split)
+    if limit is not None:
+        index.images = index.images[:limit]
+    if not index.images:
+        raise UserError(f"{data_path}: split '{split}' has no images to benchmark")
+    images = [read_image(rec.file) for rec in index.images]
+    return BenchInputs(index=index, images=images)
+
+
+class Timer:
+    """Wall-clock timing with an optional device synchronisation before each reading."""
+
+    def __init__(self, synchronize: Any = None) -> None:
+        self._sync = synchronize or (lambda: None)
+
+    def __call__(self, fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+        self._sync()
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self._sync()
+        return out, time.perf_counter() - start
+
+
+def measure_predictor(predictor: Any, inputs: BenchInputs, warmup: int, conf: float, map_conf: float,
+                      task: str, progress: Any = None) -> dict[str, Any]:
+    """Latency (end-to-end and raw forward) at `conf`, then accuracy from a pass at `map_conf`."""
+    from dfineseg.evaluate import evaluate
+    from dfineseg.infer.preprocess import preprocess
+
+    timer = Timer(getattr(predictor.backend, "synchronize", None))
+    info = predictor.info
+    for img in (inputs.images * (1 + warmup // max(1, len(inputs.images))))[:warmup]:
+        predictor.predict(img, conf=conf)
+    e2e, raw = [], []
+    for img in inputs.images:
+        _, seconds = timer(predictor.predict, img, conf=conf)
+        e2e.append(seconds)
+        batch, _ = preprocess([img], info.imgsz, info.resize)
+        _, seconds = timer(predictor.backend.forward, batch)
+        raw.append(seconds)
+        if progress is not None:
+            progress.update(1)
+    predictions = {rid: predictor.predict(img, conf=map_conf) for rid, img in zip(inputs.image_ids, inputs.images)}
+    metrics = evaluate(inputs.index, predictions, task=task, conf=conf)
+    return {"e2e": latency_stats(e2e), "raw": latency_stats(raw), "metrics": metrics}
+
+
+def _metric_row(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Pick the headline numbers: masks for segment, boxes for detect (see dfineseg.evaluate)."""
+    head = metrics["headline"]
+    return {
+        "f1": head["f1"], "precision": head["precision"], "recall": head["recall"],
+        "penalized_iou": head["penalized_iou"], "map50_95": head["map50_95"], "map50": head["map50"],
+    }
+
+
+def ensure_artefact(fmt: str, weights: Path, export_dir: Path, cfg: Any) -> Path:
+    """The file a format runs: the checkpoint, or an export in `export_dir` (exported once if missing)."""
+    spec = FORMATS[fmt]
+    if spec.artefact is None:
+        return weights
+    path = export_dir / spec.artefact
+    if path.exists():
+        return path
+    from dfineseg.export.api import export_model
+
+    export_cfg = cfg.model_copy(deep=True)
+    export_cfg.export.out = str(export_dir)
+    for key, value in spec.export.items():
+        setattr(export_cfg.export, key, value)
+    export_model(str(weights), export_cfg)
+    if not path.exists():
+        raise UserError(f"export for {fmt} finished but {path} was not written")
+    return path
+
+
+def count_params(weights: Path) -> float:
+    from dfineseg.train.checkpoint import load_model_from_checkpoint
+
+    model, _ = load_model_from_checkpoint(weights)
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def run_bench(cfg: Any) -> list[dict[str, Any]]:
+    """Benchmark `cfg.bench.formats` (+ peers) and write bench.csv/.md/.json and bench.png."""
+    from tqdm import tqdm
+
+    from dfineseg.infer.predictor import Predictor
+
+    weights = Path(cfg.bench.weights or "runs/demo/best.pt")
+    if not weights.is_file():
+        raise UserError(f"checkpoint not found: {weights} (train one with `make demo` or pass weights=PATH)")
+    if not cfg.data.path:
+        raise UserError("no dataset: pass data=path/to/data.yaml (the validation split is measured)")
+    out_dir = Path(cfg.bench.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    export_dir = Path(cfg.export.out) if cfg.export.out else weights.parent
+    inputs = load_bench_inputs(cfg.data.path, cfg.eval.split, cfg.bench.images)
+    machine = machine_info(cfg.bench.threads)
+    params_m = count_params(weights)
+    rows: list[dict[str, Any]] = []
+    total = len(inputs.images) * (len(cfg.bench.formats) + len(cfg.bench.peers))
+    with tqdm(total=total, desc="bench", unit="img") as bar:
+        for fmt in cfg.bench.formats:
+            rows.append(_bench_one(fmt, lambda f=fmt: _open_format(f, weights, export_dir, cfg, Predictor),
+                                   inputs, cfg, params_m, bar, out_dir))
+        for peer in cfg.bench.peers:
+            rows.append(_bench_one(f"peer:{Path(peer).name}", lambda p=peer: _open_peer(p, cfg),
+                                   inputs, cfg, None, bar, out_dir))
+    write_reports(rows, machine, out_dir)
+    return rows
+
+
+def _open_format(fmt: str, weights: Path, export_dir: Path, cfg: Any, predictor_cls: Any) -> tuple[Any, Path]:
+    path = ensure_artefact(fmt, weights, export_dir, cfg)
+    options = dict(FORMATS[fmt].options)
+    if cfg.bench.threads:
+        options["threads"] = cfg.bench.threads
+    return predictor_cls.load(path, conf=cfg.eval.conf, **options), path
+
+
+def _open_peer(path: str, cfg: Any) -> tuple[Any, Path]:
+    from dfineseg.benchmarks.peers import YoloSegRunner
+    from dfineseg.infer.predictor import Predictor
+
+    runner = YoloSegRunner(path, threads=cfg.bench.threads)
+    return Predictor.from_backend(runner, names=None, resize=runner.resize, imgsz=runner.input_hw,
+                                  conf=cfg.eval.conf), Path(path)
+
+
+def _bench_one(name: str, opener: Any, inputs: BenchInputs, cfg: Any, params_m: float | None,
+               bar: Any, out_dir: Path) -> dict[str, Any]:
+    row: dict[str, Any] = {"format": name, "images": len(inputs.images)}
+    try:
+        predictor, path = opener()
+        task = predictor.info.task
+        result = measure_predictor(predictor, inputs, cfg.bench.warmup, cfg.eval.conf, cfg.eval.map_conf, task, bar)
+    except (BackendUnavailableError, UserError) as exc:
+        bar.write(f"{name}: skipped: {exc}")
+        return {**row, "status": "skipped", "reason": str(exc)}
+    except Exception as exc:  # one broken format must not stop the others; the traceback is kept
+        log = out_dir / f"error_{name.replace(':', '_')}.log"
+        log.write_text(traceback.format_exc(), encoding="utf-8")
+        bar.write(f"{name}: FAILED: {type(exc).__name__}: {exc} (traceback in {log})")
+        return {**row, "status": "failed", "reason": f"{type(exc).__name__}: {exc} (see {log.name})"}
+    runtime = predictor.backend.runtime
+    e2e, raw = result["e2e"], result["raw"]
+    row.update({
+        "status": "ok", "file": str(path),
+        "e2e_mean_ms": e2e["mean"], "e2e_p50_ms": e2e["p50"], "e2e_p95_ms": e2e["p95"],
+        "raw_mean_ms": raw["mean"], "raw_p50_ms": raw["p50"], "raw_p95_ms": raw["p95"],
+        "e2e_over_raw": e2e["mean"] / raw["mean"] if raw["mean"] > 0 else float("nan"),
+        **_metric_row(result["metrics"]),
+        "params_m": params_m if params_m is not None else _onnx_params(path),
+        "size_mb": file_size_mb(path), "backend": runtime.backend, "device": runtime.device,
+        "compute_precision": runtime.precision,
+    })
+    return row
+
+
+def _onnx_params(path: Path) -> float | None:
+    if path.suffix != ".onnx":
+        return None
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer) / 1e6
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if np.isnan(value) else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return "-" if value is None else str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    cols = ["format", "status", "e2e_mean_ms", "e2e_p50_ms", "e2e_p95_ms", "raw_mean_ms", "e2e_over_raw", "f1",
+            "precision", "recall", "penalized_iou", "map50_95", "map50", "params_m", "size_mb", "compute_precision"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    notes = [f"- {r['format']}: {r['status']}: {r['reason']}" for r in rows if r.get("reason")]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def write_reports(rows: list[dict[str, Any]], machine: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "bench.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in COLUMNS})
+    table = markdown_table(rows)
+    (out_dir / "bench.md").write_text(
+        f"# dfineseg bench\n\nMachine: {describe(machine)}\n\n{table}\n\n"
+        "Latency in ms per image at batch 1 (end-to-end = preprocess + forward + postprocess with masks at "
+        "original resolution; raw = forward only). F1/precision/recall/penalised IoU at the fixed threshold "
+        "(masks for segment models), mAP at conf 0.01.\n", encoding="utf-8")
+    (out_dir / "bench.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2, default=str),
+                                        encoding="utf-8")
+    print(f"\nMachine: {describe(machine)}\n{table}\n\nwrote {out_dir}/bench.csv, bench.md, bench.json, bench.png")
+    plot_runs([out_dir / "bench.json"], out_dir / "bench.png")
+
+
+def plot_runs(json_paths: list[Path], out_png: Path) -> Path:
+    """Latency vs F1, one point per format and run (several runs can be combined into one plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    for path in json_paths:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        run = Path(path).parent.name
+        ok = [r for r in data["rows"] if r.get("status") == "ok"]
+        for r in ok:
+            ax.scatter(r["e2e_mean_ms"], r["f1"], s=40)
+            ax.annotate(f"{run}:{r['format']}" if len(json_paths) > 1 else r["format"],
+                        (r["e2e_mean_ms"], r["f1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("end-to-end latency per image (ms)")
+    ax.set_ylabel("F1 at the fixed threshold")
+    ax.set_title("dfineseg: latency vs F1")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
