@@ -31,7 +31,7 @@ demo: demo-data
 	$(BIN)/dfineseg data check data=$(DEMO_DATA)/data.yaml
 	$(BIN)/dfineseg train --config configs/demo.yaml name=demo exist_ok=true $(ARGS)
 	$(BIN)/dfineseg export weights=$(DEMO_RUN)/best.pt data=$(DEMO_DATA)/data.yaml format=onnx,openvino int8=true
-	$(BIN)/dfineseg infer model=$(DEMO_RUN)/model.onnx source=$(DEMO_DATA)/images/val out=$(DEMO_RUN)/infer
+	$(MAKE) --no-print-directory infer
 	$(BIN)/dfineseg bench weights=$(DEMO_RUN)/best.pt data=$(DEMO_DATA)/data.yaml out=$(DEMO_RUN)/bench
 	@echo "demo finished: see $(DEMO_RUN)/ (results.csv, results.png, infer/, bench/bench.md)"
 
@@ -48,8 +48,17 @@ val: setup
 export: setup
 	$(BIN)/dfineseg export --config $(CONFIG) $(ARGS)
 
+# Without ARGS: every format exported next to the demo model, each writing every sink.
+INFER_SOURCE ?= $(DEMO_DATA)/images/val
 infer: setup
+ifeq ($(strip $(ARGS)),)
+	@for m in $(DEMO_RUN)/best.pt $(DEMO_RUN)/model.onnx $(DEMO_RUN)/model_fp16.onnx $(DEMO_RUN)/openvino $(DEMO_RUN)/openvino_fp16 $(DEMO_RUN)/openvino_int8; do \
+	  if [ -e $$m ]; then echo "== $$m"; $(BIN)/dfineseg infer model=$$m source=$(INFER_SOURCE) out=$(DEMO_RUN)/infer/$$(basename $$m | tr . _) save_txt=true save_crops=true || exit 1; fi; \
+	done
+	@if [ -e $(DEMO_RUN)/model.engine ]; then $(BIN)/dfineseg infer model=$(DEMO_RUN)/model.engine source=$(INFER_SOURCE) out=$(DEMO_RUN)/infer/model_engine save_txt=true save_crops=true || echo "model.engine: skipped (TensorRT/GPU unavailable)"; fi
+else
 	$(BIN)/dfineseg infer $(ARGS)
+endif
 
 bench: setup
 	$(BIN)/dfineseg bench --config $(CONFIG) $(ARGS)

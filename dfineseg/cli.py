@@ -113,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         "infer": _run_infer,
     }
     for name, handler in handlers.items():
-        p = sub.add_parser(name, help=HELP[name], description=HELP[name], epilog=f"example: {EXAMPLES[name]}")
+        epilog = f"example: {EXAMPLES[name]}"
+        if name == "infer":
+            from dfineseg.infer_cli import options_help  # torch- and pydantic-free
+
+            epilog = f"{options_help()}\n\n{epilog}"
+        p = sub.add_parser(name, help=HELP[name], description=HELP[name], epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", "-c", default=None, help="experiment YAML (may `base:` other files)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=10 model.size=s")
         p.set_defaults(handler=handler)

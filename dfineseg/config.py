@@ -119,6 +119,8 @@ class MaskHeadConfig(Section):
     fpn_channels: int = Field(64, ge=8, description="width of the stride-8 fusion (paper: 256)")
     mask_channels: int = Field(64, ge=8, description="width of the 1/4-resolution features (paper: 256)")
     embed_layers: int = Field(3, ge=1)
+    depthwise: bool = Field(True, description="1/4-resolution block as depthwise 3x3 + 1x1 (False: full 3x3, paper)")
+    norm: Literal["bn", "gn"] = Field("bn", description="bn folds into the convs at deployment; gn is the paper's")
 
 
 class ModelConfig(Section):
@@ -176,16 +178,20 @@ class TrainConfig(Section):
     ema: bool = True
     ema_decay: float = Field(0.9998, gt=0, lt=1)
     ema_warmup: int = Field(1000, ge=0)
+    ema_horizon: float = Field(0.1, ge=0.0, le=1.0, description="EMA averages over at most this fraction of the "
+                               "run's steps (short runs would otherwise keep early weights); 0: off")
     amp: bool = True
     clip_grad: float | None = 0.1
     seed: int = 0
     deterministic: bool = False
     patience: int | None = Field(None, ge=1, description="early stopping: epochs without improvement")
     save_every_steps: int | None = Field(None, ge=1)
+    save_every_epochs: int = Field(1, ge=1, description="last.pt every N epochs (and at the end); 1: each epoch")
     best_metric: str = "mask_f1"
     max_nonfinite: int = Field(10, ge=1, description="consecutive non-finite losses before the run stops")
     val_every: int = Field(1, ge=1)
     plot_images: int = Field(4, ge=0)
+    tensorboard: bool = Field(True, description="TensorBoard scalars in <run>/tensorboard (if installed)")
     device: str = "auto"
     resume: str | None = None
     gpus: int = Field(1, ge=1)
@@ -222,6 +228,7 @@ class ExportConfig(Section):
     parity_images: int = Field(8, ge=1)
     int8_max_drop: float = Field(0.01, ge=0.0)
     int8_calib_size: int = Field(100, ge=1)
+    int8_max_iterations: int | None = Field(None, ge=0, description="accuracy control: most layers reverted to float (None: NNCF's default, no limit)")
     workspace_gb: float = Field(4.0, gt=0)
     out: str | None = Field(None, description="default: the checkpoint's folder")
 

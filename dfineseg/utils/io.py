@@ -17,6 +17,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        _apply_umask(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -36,11 +37,19 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        _apply_umask(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _apply_umask(tmp: str) -> None:
+    """mkstemp creates 0600 files; results (metrics, plots, checkpoints) should get the usual umask mode."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
 
 
 def _fsync_dir(folder: Path) -> None:

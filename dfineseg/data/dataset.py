@@ -1,0 +1,229 @@
+"""The torch side of the data: `SegmentationDataset`, `collate_fn`, multi-scale batches, a loader helper.
+
+Everything up to the final tensors is numpy/OpenCV (`transforms.py`); this module only converts.
+Augmentation randomness is drawn from a generator seeded by (seed, epoch, index), so a sample is the
+same whichever worker builds it, and runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import cv2
+import numpy as np
+import torch
+
+from dfineseg.data.image_io import ImageReadError, read_image
+from dfineseg.data.index import DatasetError, DatasetIndex
+from dfineseg.data.transforms import Sample, TrainAugment, rasterize, resize_to_network, sample_from_record
+from dfineseg.infer.boxes import box_convert
+
+log = logging.getLogger("dfineseg.data")
+MAX_REPLACEMENTS = 20
+
+
+def _hw(imgsz) -> tuple[int, int]:
+    if isinstance(imgsz, int):
+        return (imgsz, imgsz)
+    return (int(imgsz[0]), int(imgsz[1]))
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """(image float32 [3,H,W] RGB 0..1, target dict) per docs/ARCHITECTURE.md section 2.
+
+    A key is an index, or `(index, (H, W))`, or `(index, (H, W), epoch)` as `MultiScaleBatchSampler`
+    yields them (the epoch travels with the key, so persistent workers switch augmentations off on time).
+    An image that cannot be read is replaced by another one and counted in `failed` (per process).
+    """
+
+    def __init__(self, index: DatasetIndex, imgsz, train: bool, augment_cfg=None, resize_mode: str = "stretch",
+                 seed: int = 0, epochs: int | None = None):
+        self.index = index
+        self.records = index.images
+        self.imgsz = _hw(imgsz)
+        self.train = train
+        self.resize_mode = resize_mode
+        self.seed = int(seed)
+        self.epoch = 0
+        self.epochs = epochs
+        self.failed: dict[str, str] = {}
+        self._worker_ready = False
+        self.augment = TrainAugment(augment_cfg, load_random=self._load_random) if train else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int, epochs: int | None = None) -> None:
+        self.epoch = int(epoch)
+        if epochs is not None:
+            self.epochs = epochs
+        if self.augment is not None:
+            self.augment.set_epoch(self.epoch, self.epochs)
+
+    # ------------------------------------------------------------ loading
+    def load_sample(self, i: int) -> Sample:
+        rec = self.records[i]
+        image = read_image(rec.file)
+        if image.shape[:2] != (rec.height, rec.width):
+            raise ImageReadError(
+                rec.file, f"is {image.shape[1]}x{image.shape[0]} but was {rec.width}x{rec.height} when indexed"
+            )
+        return sample_from_record(rec, image)
+
+    def _note_failure(self, i: int, exc: ImageReadError) -> None:
+        path = str(self.records[i].file)
+        if path not in self.failed:
+            self.failed[path] = exc.reason
+            log.warning("skipping unreadable image %s (%s); %d so far", path, exc.reason, len(self.failed))
+
+    def _load_or_replace(self, i: int, rng: np.random.Generator) -> Sample:
+        for _ in range(MAX_REPLACEMENTS):
+            try:
+                return self.load_sample(i)
+            except ImageReadError as exc:
+                self._note_failure(i, exc)
+                i = int(rng.integers(len(self.records)))
+        raise DatasetError(
+            f"{MAX_REPLACEMENTS} images in a row could not be read (last: {self.records[i].file}); "
+            "run `dfineseg data check` on the dataset"
+        )
+
+    def _load_random(self, rng: np.random.Generator) -> Sample:
+        return self._load_or_replace(int(rng.integers(len(self.records))), rng)
+
+    # ------------------------------------------------------------ items
+    def __getitem__(self, key):
+        hw, epoch = self.imgsz, self.epoch
+        if isinstance(key, tuple | list):
+            i = int(key[0])
+            if len(key) > 1 and key[1] is not None:
+                hw = _hw(key[1])
+            if len(key) > 2 and key[2] is not None and int(key[2]) != epoch:
+                self.set_epoch(int(key[2]))
+                epoch = self.epoch
+        else:
+            i = int(key)
+        if not self._worker_ready and torch.utils.data.get_worker_info() is not None:
+            # Each loader worker is one process already; OpenCV's own thread pool per worker only
+            # oversubscribes the cores.
+            cv2.setNumThreads(1)
+            self._worker_ready = True
+        rng = np.random.default_rng([self.seed, epoch, i])
+        sample = self._load_or_replace(i, rng)
+        orig_size = sample.orig_size
+        if self.train:
+            sample = self.augment(sample, rng, hw)
+        sample = rasterize(resize_to_network(sample, hw, self.resize_mode, min_size=2.0 if self.train else 0.0))
+        return to_tensors(sample, orig_size)
+
+
+def to_tensors(sample: Sample, orig_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
+    """A rasterised network-size `Sample` -> (image [3,H,W] float 0..1, target dict)."""
+    h, w = sample.image.shape[:2]
+    # numpy does the uint8 -> float conversion: torch's intra-op threads only add contention in workers
+    chw = np.empty((3, h, w), np.float32)
+    np.multiply(sample.image.transpose(2, 0, 1), np.float32(1.0 / 255.0), out=chw, casting="unsafe")
+    image = torch.from_numpy(chw)
+    boxes = box_convert(sample.boxes.astype(np.float32), "xyxy", "cxcywh") / np.array([w, h, w, h], np.float32)
+    masks = sample.masks if sample.masks is not None else np.zeros((len(sample), h, w), bool)
+    target = {
+        "labels": torch.from_numpy(sample.labels.astype(np.int64)),
+        "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)).reshape(-1, 4),
+        "masks": torch.from_numpy(np.ascontiguousarray(masks)),
+        "has_mask": torch.from_numpy(sample.has_mask),
+        "image_id": int(sample.image_id),
+        "orig_size": tuple(orig_size or sample.orig_size),
+        "resize_meta": sample.meta,
+    }
+    return image, target
+
+
+def collate_fn(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
+    """Stack images (one size per batch: `MultiScaleBatchSampler` guarantees it) and keep targets as a list."""
+    images = [b[0] for b in batch]
+    sizes = {tuple(im.shape) for im in images}
+    if len(sizes) != 1:
+        raise ValueError(f"images of one batch differ in size {sorted(sizes)}; use MultiScaleBatchSampler")
+    return torch.stack(images), [b[1] for b in batch]
+
+
+class MultiScaleBatchSampler(torch.utils.data.Sampler):
+    """Batches of `(index, (H, W), epoch)`; with probability `p` a batch gets a random size between
+    `min_frac` and `max_frac` of `imgsz` (multiples of 32, aspect kept), else `imgsz`.
+
+    `sampler` is any index sampler (RandomSampler, DistributedSampler); `set_epoch` forwards to it.
+    Sizes depend only on (seed, epoch, batch number), so every rank picks the same size for a step.
+    """
+
+    def __init__(self, sampler: Iterable[int], batch_size: int, imgsz, p: float = 0.0, min_frac: float = 0.75,
+                 max_frac: float = 1.25, drop_last: bool = False, seed: int = 0, off_epoch: int | None = None):
+        self.sampler = sampler
+        self.batch_size = int(batch_size)
+        self.imgsz = _hw(imgsz)
+        self.p, self.min_frac, self.max_frac = float(p), float(min_frac), float(max_frac)
+        self.drop_last = drop_last
+        self.seed = int(seed)
+        self.off_epoch = off_epoch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def sizes(self) -> list[tuple[int, int]]:
+        h, w = self.imgsz
+        lo = max(32, int(np.ceil(h * self.min_frac / 32)) * 32)
+        hi = max(lo, int(np.floor(h * self.max_frac / 32)) * 32)
+        return [(hh, max(32, round(hh * w / h / 32) * 32)) for hh in range(lo, hi + 1, 32)]
+
+    def _size(self, batch_no: int) -> tuple[int, int]:
+        active = self.p > 0 and (self.off_epoch is None or self.epoch < self.off_epoch)
+        rng = np.random.default_rng([self.seed, self.epoch, batch_no])
+        if not active or rng.random() >= self.p:
+            return self.imgsz
+        options = self.sizes()
+        return options[int(rng.integers(len(options)))]
+
+    def __iter__(self) -> Iterator[list[tuple[int, tuple[int, int], int]]]:
+        batch: list[int] = []
+        n = 0
+        for idx in self.sampler:
+            batch.append(int(idx))
+            if len(batch) == self.batch_size:
+                size = self._size(n)
+                yield [(i, size, self.epoch) for i in batch]
+                batch, n = [], n + 1
+        if batch and not self.drop_last:
+            size = self._size(n)
+            yield [(i, size, self.epoch) for i in batch]
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def make_dataloader(index: DatasetIndex, data_cfg, train: bool, batch_size: int, seed: int = 0,
+                    workers: int | None = None, epochs: int | None = None, sampler=None) -> torch.utils.data.DataLoader:
+    """A DataLoader wired the standard way: multi-scale batches for training, fixed size for validation.
+
+    `data_cfg` is `Config.data` (imgsz, resize, workers, augment). Call `loader.batch_sampler.set_epoch(e)`
+    at the start of each epoch (it also carries the epoch to the workers' augmentations).
+    """
+    ds = SegmentationDataset(index, data_cfg.imgsz, train, data_cfg.augment, data_cfg.resize, seed=seed, epochs=epochs)
+    if sampler is None:
+        if train:
+            sampler = torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
+        else:
+            sampler = torch.utils.data.SequentialSampler(ds)
+    ms = data_cfg.augment.multiscale
+    batch_sampler = MultiScaleBatchSampler(
+        sampler, batch_size, data_cfg.imgsz, p=ms.p if train else 0.0, min_frac=ms.min_frac, max_frac=ms.max_frac,
+        drop_last=train and len(ds) >= batch_size, seed=seed, off_epoch=ms.off_epoch,
+    )
+    n_workers = data_cfg.workers if workers is None else workers
+    return torch.utils.data.DataLoader(
+        ds, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=n_workers,
+        persistent_workers=n_workers > 0, pin_memory=False,
+    )

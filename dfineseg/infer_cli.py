@@ -1,0 +1,263 @@
+"""`dfineseg infer model=X source=Y [out=Z] [conf=C] ...`: run any model file on images, folders, globs,
+videos or a webcam and write annotated images/video, predictions JSON, YOLO txt and crops.
+
+Runs on an edge install without torch and without pydantic: options are parsed with the pydantic-free
+`dfineseg.overrides` and checked here against `OPTIONS`; defaults the model knows best (threshold,
+input size, resize mode, class names) come from the metadata stored in the model file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from dfineseg.overrides import ConfigError, load_yaml_with_bases, parse_overrides
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        return value.lower() in ("true", "yes", "1", "on")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError("expected true or false")
+
+
+def _fraction(value: Any) -> float:
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError("expected a number in 0..1")
+    return v
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or int(value) != float(value) or int(value) < 1:
+        raise ValueError("expected a positive integer")
+    return int(value)
+
+
+def _text(value: Any) -> str:
+    return str(value)
+
+
+def _source(value: Any) -> str | int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _optional(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda v: None if v is None or (isinstance(v, str) and v.lower() in ("none", "null", "")) else conv(v)
+
+
+# key -> (converter, default, help). Keys match the `infer:` section of the config schema where it has them.
+OPTIONS: dict[str, tuple[Callable[[Any], Any], Any, str]] = {
+    "model": (_text, None, "model file: .pt checkpoint, .onnx, OpenVINO .xml (or its folder), .engine (required)"),
+    "source": (_source, None, "image, folder, glob ('dir/*.jpg'), video file, stream URL or webcam index (required)"),
+    "out": (_text, "runs/infer", "output folder (created; files in it are overwritten)"),
+    "conf": (_optional(_fraction), None, "score threshold (default: the one stored in the model)"),
+    "device": (_text, "cpu", "cpu, cuda[:N], auto; OpenVINO also gpu/npu; ONNX Runtime also tensorrt"),
+    "precision": (_optional(_text), None, "OpenVINO f32/f16/bf16 (default: the device's), PyTorch fp16 (CUDA)"),
+    "half": (_bool, False, "PyTorch checkpoints: fp16 on CUDA"),
+    "threads": (_optional(_positive_int), None, "CPU threads for the runtime (default: the runtime's choice)"),
+    "backend": (_optional(_text), None, "force a backend: torch, onnxruntime, openvino, tensorrt (default: by file)"),
+    "performance": (_text, "latency", "OpenVINO performance hint: latency or throughput"),
+    "batch": (_optional(_positive_int), None, "images per forward for dynamic-batch models (default 8)"),
+    "max_det": (_optional(_positive_int), None, "keep at most this many detections per image (default: all kept)"),
+    "nms_iou": (_optional(_fraction), None, "class-aware NMS IoU (off by default: DETR needs none)"),
+    "max_frames": (_optional(_positive_int), None, "stop a video or webcam after this many frames (default: all)"),
+    "save_images": (_bool, True, "annotated images (or the annotated video for video/webcam sources)"),
+    "save_json": (_bool, True, "predictions.json (COCO results, RLE masks) + images.json (id -> file)"),
+    "save_txt": (_bool, False, "YOLO-seg txt per image under labels/"),
+    "save_crops": (_bool, False, "box crops per class under crops/"),
+    "mask_alpha": (_fraction, 0.45, "mask opacity in the annotated images"),
+    "line_width": (_optional(_positive_int), None, "box line width in pixels (default: from the image size)"),
+    "show_conf": (_bool, True, "print the score next to the class name"),
+    "progress": (_bool, True, "progress bar for folders and videos"),
+}
+ALIASES = {"weights": "model", "input": "source", "project": "out", "imgs": "source", "save": "save_images"}
+
+USAGE = "usage: dfineseg infer model=FILE source=IMAGE|FOLDER|GLOB|VIDEO|CAMERA [out=DIR] [conf=C] [key=value ...]"
+
+
+def options_help() -> str:
+    width = max(map(len, OPTIONS))
+    lines = [USAGE, "", "options:"]
+    for key, (_, default, text) in OPTIONS.items():
+        suffix = "" if default is None or "default" in text else f" (default: {default})"
+        lines.append(f"  {key:<{width}}  {text}{suffix}")
+    return "\n".join(lines)
+
+
+def _flatten(tree: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Top-level keys, plus `infer.key` ones (config files and `infer.conf=0.3` overrides)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key == "infer" and isinstance(value, dict):
+            flat.update(value)
+        elif isinstance(value, dict):
+            raise ConfigError(f"{origin}: '{key}.…' is not an infer option; {_suggest(key)}")
+        else:
+            flat[key] = value
+    return flat
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(OPTIONS), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(OPTIONS)}"
+
+
+def resolve_options(args: list[str], config: str | Path | None = None) -> dict[str, Any]:
+    """Defaults < the config file's `infer:` section < command-line key=value pairs; validated."""
+    merged: dict[str, Any] = {}
+    if config:
+        section = load_yaml_with_bases(config).get("infer") or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{config}: the 'infer' section must be a mapping")
+        merged.update({ALIASES.get(k, k): v for k, v in section.items()})
+    cli = _flatten(parse_overrides(list(args)), "command line")
+    merged.update({ALIASES.get(k, k): v for k, v in cli.items()})
+    unknown = [k for k in merged if k not in OPTIONS]
+    if unknown:
+        raise ConfigError(f"unknown infer option '{unknown[0]}'; {_suggest(unknown[0])}\n{USAGE}")
+    resolved: dict[str, Any] = {}
+    for key, (conv, default, _) in OPTIONS.items():
+        if key not in merged:
+            resolved[key] = default
+            continue
+        try:
+            resolved[key] = conv(merged[key])
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"infer option {key}={merged[key]!r}: {exc}") from None
+    missing = [k for k in ("model", "source") if resolved[k] in (None, "")]
+    if missing:
+        raise ConfigError(f"missing {' and '.join(f'{k}=' for k in missing)}\n{USAGE}")
+    return resolved
+
+
+def _progress(total: int | None, enabled: bool, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+def _chunks(frames: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for frame in frames:
+        chunk.append(frame)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run one inference job from resolved options; returns the summary (also written as summary.json)."""
+    from dfineseg.infer.io import ResultWriter, SinkOptions, open_source
+    from dfineseg.infer.predictor import Predictor
+
+    source = open_source(opts["source"], max_frames=opts["max_frames"])
+    backend_options: dict[str, Any] = {"performance": opts["performance"]}
+    if opts["half"]:
+        backend_options["half"] = True
+    predictor = Predictor.load(
+        opts["model"],
+        device=opts["device"],
+        conf=opts["conf"],
+        precision=opts["precision"],
+        threads=opts["threads"],
+        backend=opts["backend"],
+        nms_iou=opts["nms_iou"],
+        max_det=opts["max_det"],
+        batch_size=opts["batch"],
+        **backend_options,
+    )
+    rt = predictor.runtime
+    log(
+        f"model {predictor.backend.path}: {rt.backend} on {rt.device}, computes in {rt.precision}, "
+        f"task={predictor.task}, {len(predictor.names)} classes, input {rt.input_hw[0]}x{rt.input_hw[1]} "
+        f"({predictor.info.resize}), conf={predictor.conf:g}"
+    )
+    sinks = SinkOptions(
+        save_images=opts["save_images"], save_json=opts["save_json"], save_txt=opts["save_txt"],
+        save_crops=opts["save_crops"], mask_alpha=opts["mask_alpha"], line_width=opts["line_width"],
+        show_conf=opts["show_conf"],
+    )
+    writer = ResultWriter(
+        opts["out"], predictor.names, predictor.category_ids, sinks,
+        video_fps=getattr(source, "fps", None) if source.is_video else None,
+    )
+    show = opts["progress"] and source.kind != "image"
+    start = time.perf_counter()
+    try:
+        with predictor, _progress(source.total, show, source.kind) as bar:
+            if source.is_video:
+                for frame, _, det in predictor.stream((f, f.image) for f in source):
+                    writer.write(frame, det)
+                    bar.update(1)
+            else:
+                for chunk in _chunks(iter(source), predictor.chunk_size(source.total or 1)):
+                    for frame, det in zip(chunk, predictor.predict_batch([f.image for f in chunk])):
+                        writer.write(frame, det)
+                    bar.update(len(chunk))
+                if source.total:  # skipped files were never yielded: finish the bar at the file count
+                    bar.update(max(0, source.total - bar.n))
+    finally:
+        summary = writer.close()
+    elapsed = time.perf_counter() - start
+    skipped = list(source.skipped)
+    summary.update(
+        {
+            "model": str(predictor.backend.path), "backend": rt.backend, "device": rt.device,
+            "precision": rt.precision, "source": source.description, "conf": predictor.conf,
+            "seconds": round(elapsed, 3), "skipped": [{"file": f, "reason": r} for f, r in skipped],
+        }
+    )
+    out = Path(opts["out"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    n = summary["images"]
+    rate = f", {1000 * elapsed / n:.1f} ms/image" if n else ""
+    log(f"{n} {'frames' if source.is_video else 'images'}, {summary['detections']} detections "
+        f"({summary['empty']} with none){rate} -> {out}")
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable image(s) (listed in {out / 'summary.json'}):")
+        for file, reason in skipped[:20]:
+            log(f"  {file}: {reason}")
+        if len(skipped) > 20:
+            log(f"  ... and {len(skipped) - 20} more")
+    return summary
+
+
+def run_infer(args: list[str], config: str | Path | None = None) -> int:
+    """Entry point of `dfineseg infer`: 0 on success, 1 when no image could be read.
+
+    Raises `UserError` subclasses (bad option, model file, source) for the CLI to print as one message.
+    """
+    if any(a in ("-h", "--help", "help") for a in args):
+        print(options_help())
+        return 0
+    summary = infer(resolve_options(args, config))
+    if summary["images"] == 0 and summary["skipped"]:
+        print(f"dfineseg infer: error: none of the {len(summary['skipped'])} images could be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dfineseg.infer_cli key=value ...` (the same as `dfineseg infer`)."""
+    from dfineseg.infer.errors import UserError
+
+    try:
+        return run_infer(list(sys.argv[1:] if argv is None else argv))
+    except UserError as exc:
+        print(f"dfineseg infer: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,594 @@
+"""D-FINE-seg training losses over the model's training dict (docs/ARCHITECTURE.md section 3).
+
+Terms (weights from `LossConfig`, the papers' values by default):
+- classification: VFL (alpha 0.75, gamma 2; target = IoU at the GT class), or with the Stable-DINO switch
+  the position-supervised loss (seed 004 eq. 3): positives |t - p|^gamma * BCE(p, t) with t = IoU^2
+  divided by the image's largest IoU^2 (the paper's "highest equals 1.0" rescaling for 300 queries),
+  negatives p^gamma * BCE(p, 0). Key `loss_vfl`, or `loss_psl` when switched on (weight `vfl`).
+- boxes: L1 on cxcywh and 1 - GIoU (`loss_bbox`, `loss_giou`).
+- FGL (`loss_fgl`): cross-entropy of each edge's 33-bin distribution against the two bins around the GT
+  distance, linearly weighted, times the layer's IoU. DDF (`loss_ddf`): T^2 KL(teacher || layer), T=5,
+  the teacher being the last decoder layer; weighted by IoU for matched queries and the teacher's max
+  class probability for the rest; the matched and unmatched means are mixed by sqrt counts.
+- masks (segment): BCE inside the GT box's ROI normalised by the ROI's pixel count, and dice inside the
+  ROI, both averaged over matched instances that have a mask (D-FINE-seg section 3.3).
+
+Which matches feed which term follows the official code: classification and masks use each output's own
+Hungarian matches; boxes and FGL/DDF use the GO-LSD union over final, auxiliary, pre and encoder matches;
+denoising outputs use their fixed positive queries. Suffixes: `_aux_i`, `_pre`, `_enc_i`, `_dn_i`, `_dn_pre`.
+
+The returned dict also holds `num_sanitized` (not a loss: use `total_loss` to sum): the number of
+predicted queries with a non-finite logit/box/corner or a non-positive width/height, of matched queries
+with non-finite mask logits (counted once per loss term that uses them), plus such GT boxes. They
+are repaired (non-finite -> 0, sizes clamped at 0 for IoU) so such a batch never crashes the step.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dfineseg.loss.box_ops import box_convert, elementwise_giou
+from dfineseg.loss.matcher import HungarianMatcher, Indices, downsample_masks, union_of_matches
+
+LOSS_NAMES = (
+    "loss_vfl",
+    "loss_psl",
+    "loss_bbox",
+    "loss_giou",
+    "loss_fgl",
+    "loss_ddf",
+    "loss_mask_bce",
+    "loss_mask_dice",
+)
+_SUFFIX = re.compile(r"_(aux_\d+|pre|enc_\d+|dn_\d+|dn_pre)$")
+
+
+# ------------------------------------------------------------------ helpers
+def _world_mean(value: float, device: torch.device) -> float:
+    """Average of a per-rank count over DDP ranks (the count itself without DDP), at least 1."""
+    t = torch.tensor([float(value)], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t = t / dist.get_world_size()
+    return max(float(t.item()), 1.0)
+
+
+def _to_fp32(obj: Any) -> Any:
+    """Floating tensors -> float32, except `pred_masks`: casting every layer's [B,Q,H/4,W/4] maps would
+    cost gigabytes, so mask logits are cast only where used (matched rows, one image in the matcher)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: (v if k == "pred_masks" else _to_fp32(v)) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_fp32(v) for v in obj)
+    return obj
+
+
+def _per_edge(x: torch.Tensor) -> torch.Tensor:
+    """[B,Q] per query -> [B*Q*4] per box edge, in the order of `pred_corners.reshape(-1, R + 1)`."""
+    return x.unsqueeze(-1).expand(*x.shape, 4).reshape(-1)
+
+
+def _no_masks(out: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in out.items() if k != "pred_masks"}
+
+
+def _paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of matching rows of (N,4) xyxy boxes."""
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
+    return inter / (area_a + area_b - inter).clamp(min=1e-7)
+
+
+def _xyxy_clamped(cxcywh: torch.Tensor) -> torch.Tensor:
+    """cxcywh -> xyxy with negative sizes clamped to 0 (a degenerate prediction is a point, not inverted)."""
+    return box_convert(torch.cat([cxcywh[..., :2], cxcywh[..., 2:].clamp(min=0)], -1), "cxcywh", "xyxy")
+
+
+def _src_idx(indices: Indices, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
+    src = torch.cat([src for src, _ in indices]).to(device)
+    return batch, src
+
+
+def _gather_targets(targets: list[dict[str, Any]], indices: Indices, key: str) -> torch.Tensor:
+    return torch.cat([t[key][tgt.to(t[key].device)] for t, (_, tgt) in zip(targets, indices)])
+
+
+def fdr_bin_values(reg_max: int, up: Any, reg_scale: Any) -> torch.Tensor:
+    """D-FINE's non-uniform bin positions W (reg_max + 1 values), e.g. -4, -2, -1.79, ..., 0, ..., 2, 4 for c=4.
+
+    The model's implementation, so the loss targets use exactly the bins the decoder integrates over. Imported
+    at call time: the decoder imports `dfineseg.loss` (box ops, denoising), so a top-level import would cycle.
+    """
+    from dfineseg.model.decoder import weighting_function
+
+    up_t = torch.as_tensor(up, dtype=torch.float32).reshape(-1)
+    c = torch.as_tensor(reg_scale, dtype=torch.float32, device=up_t.device).reshape(-1)
+    return weighting_function(reg_max, up_t, c)
+
+
+@torch.no_grad()
+def fdr_targets(
+    ref_cxcywh: torch.Tensor, gt_xyxy: torch.Tensor, reg_max: int, reg_scale: Any, up: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GT edge distances in bin space -> (left bin int64 [4M], left weight [4M], right weight [4M]).
+
+    Edge order per box is (left, top, right, bottom), as in the corner logits. Distances outside the bins
+    go wholly to the end bin.
+    """
+    values = fdr_bin_values(reg_max, up, reg_scale).to(ref_cxcywh.device)
+    c = torch.as_tensor(reg_scale, dtype=torch.float32, device=ref_cxcywh.device).reshape(-1)[0].abs()
+    cx, cy = ref_cxcywh[:, 0], ref_cxcywh[:, 1]
+    sx = ref_cxcywh[:, 2] / c + 1e-16
+    sy = ref_cxcywh[:, 3] / c + 1e-16
+    dist_ = (
+        torch.stack(
+            [
+                (cx - gt_xyxy[:, 0]) / sx,
+                (cy - gt_xyxy[:, 1]) / sy,
+                (gt_xyxy[:, 2] - cx) / sx,
+                (gt_xyxy[:, 3] - cy) / sy,
+            ],
+            -1,
+        ).reshape(-1)
+        - 0.5 * c
+    )
+    idx = (values[None, :] <= dist_[:, None]).sum(1) - 1
+    left = idx.clamp(0, reg_max - 1)
+    lv, rv = values[left], values[left + 1]
+    w_right = ((dist_ - lv) / (rv - lv)).clamp(0, 1)
+    w_right = torch.where(idx < 0, torch.zeros_like(w_right), w_right)
+    w_right = torch.where(idx >= reg_max, torch.ones_like(w_right), w_right)
+    return left, 1 - w_right, w_right
+
+
+# ------------------------------------------------------------------ loss terms (pure functions)
+def vfl_loss(
+    logits: torch.Tensor,
+    idx: tuple[torch.Tensor, torch.Tensor],
+    labels: torch.Tensor,
+    ious: torch.Tensor,
+    num_boxes: float,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """Varifocal loss: positives BCE towards IoU weighted by IoU, negatives alpha * p^gamma * BCE(p, 0)."""
+    onehot = torch.zeros_like(logits)
+    onehot[idx[0], idx[1], labels] = 1.0
+    score = torch.zeros_like(logits)
+    score[idx[0], idx[1], labels] = ious.to(logits.dtype)
+    p = logits.sigmoid().detach()
+    weight = alpha * p.pow(gamma) * (1 - onehot) + score
+    return F.binary_cross_entropy_with_logits(logits, score, weight=weight, reduction="sum") / num_boxes
+
+
+def position_supervised_loss(
+    logits: torch.Tensor,
+    idx: tuple[torch.Tensor, torch.Tensor],
+    labels: torch.Tensor,
+    ious: torch.Tensor,
+    num_boxes: float,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """Stable-DINO eq. 3 with t = IoU^2 rescaled so each image's largest t is 1."""
+    t = ious.to(logits.dtype).pow(2)
+    if t.numel():
+        per_image_max = torch.zeros(logits.shape[0], device=logits.device, dtype=t.dtype)
+        per_image_max = per_image_max.scatter_reduce(0, idx[0], t, reduce="amax", include_self=True)
+        t = t / per_image_max[idx[0]].clamp(min=1e-12)
+    onehot = torch.zeros_like(logits)
+    onehot[idx[0], idx[1], labels] = 1.0
+    target = torch.zeros_like(logits)
+    target[idx[0], idx[1], labels] = t
+    p = logits.sigmoid().detach()
+    weight = torch.where(onehot.bool(), (target - p).abs().pow(gamma), p.pow(gamma))
+    return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / num_boxes
+
+
+def box_losses(src: torch.Tensor, tgt: torch.Tensor, num_boxes: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1 sum, (1 - GIoU) sum), both / num_boxes, for matched cxcywh rows."""
+    l1 = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+    giou = elementwise_giou(_xyxy_clamped(src), box_convert(tgt, "cxcywh", "xyxy"))
+    return l1, (1 - giou).sum() / num_boxes
+
+
+def fgl_loss(
+    corners: torch.Tensor,
+    left: torch.Tensor,
+    w_left: torch.Tensor,
+    w_right: torch.Tensor,
+    ious: torch.Tensor,
+    num_boxes: float,
+) -> torch.Tensor:
+    """Fine-grained localisation: corners [4M, R+1] logits; IoU weight per box repeated over its 4 edges."""
+    ce = F.cross_entropy(corners, left, reduction="none") * w_left
+    ce = ce + F.cross_entropy(corners, left + 1, reduction="none") * w_right
+    return (ce * ious.repeat_interleave(4)).sum() / num_boxes
+
+
+def ddf_loss(
+    corners: torch.Tensor,
+    teacher: torch.Tensor,
+    weight: torch.Tensor,
+    matched: torch.Tensor,
+    num_pos: float,
+    num_neg: float,
+    temperature: float = 5.0,
+) -> torch.Tensor:
+    """Decoupled distillation: corners/teacher [E, R+1] logits, weight/matched [E] per edge."""
+    kl = F.kl_div(
+        F.log_softmax(corners / temperature, -1),
+        F.softmax(teacher.detach() / temperature, -1),
+        reduction="none",
+    ).sum(-1)
+    per_edge = weight.detach() * temperature**2 * kl
+    pos = per_edge[matched].mean() if matched.any() else per_edge.sum() * 0
+    neg = per_edge[~matched].mean() if (~matched).any() else per_edge.sum() * 0
+    return (pos * num_pos + neg * num_neg) / max(num_pos + num_neg, 1e-12)
+
+
+def roi_masks(boxes_cxcywh: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[M,4] normalised boxes -> bool [M,h,w]: the pixels a box touches (at least one pixel)."""
+    h, w = size
+    x1 = (boxes_cxcywh[:, 0] - boxes_cxcywh[:, 2] / 2) * w
+    x2 = (boxes_cxcywh[:, 0] + boxes_cxcywh[:, 2] / 2) * w
+    y1 = (boxes_cxcywh[:, 1] - boxes_cxcywh[:, 3] / 2) * h
+    y2 = (boxes_cxcywh[:, 1] + boxes_cxcywh[:, 3] / 2) * h
+    ix1 = x1.floor().clamp(0, w - 1)
+    iy1 = y1.floor().clamp(0, h - 1)
+    ix2 = torch.maximum(x2.ceil().clamp(max=w), ix1 + 1)
+    iy2 = torch.maximum(y2.ceil().clamp(max=h), iy1 + 1)
+    xs = torch.arange(w, device=boxes_cxcywh.device, dtype=boxes_cxcywh.dtype)
+    ys = torch.arange(h, device=boxes_cxcywh.device, dtype=boxes_cxcywh.dtype)
+    inside_x = (xs[None] >= ix1[:, None]) & (xs[None] < ix2[:, None])
+    inside_y = (ys[None] >= iy1[:, None]) & (ys[None] < iy2[:, None])
+    return inside_y[:, :, None] & inside_x[:, None, :]
+
+
+def mask_losses(
+    logits: torch.Tensor, target: torch.Tensor, boxes_cxcywh: torch.Tensor, dice_eps: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box-cropped (BCE per ROI pixel, dice inside the ROI), each averaged over the M instances."""
+    if logits.shape[0] == 0:
+        zero = logits.sum() * 0
+        return zero, zero
+    roi = roi_masks(boxes_cxcywh, tuple(logits.shape[-2:])).to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    bce = (bce * roi).sum((1, 2)) / roi.sum((1, 2))
+    prob = logits.sigmoid() * roi
+    tgt = target * roi
+    inter = (prob * tgt).sum((1, 2))
+    dice = 1 - (2 * inter + dice_eps) / (prob.sum((1, 2)) + tgt.sum((1, 2)) + dice_eps)
+    return bce.mean(), dice.mean()
+
+
+# ------------------------------------------------------------------ the criterion
+class DFINESegCriterion(nn.Module):
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        weights: dict[str, float] | None = None,
+        alpha: float = 0.75,
+        gamma: float = 2.0,
+        task: str = "segment",
+        position_supervised: bool = False,
+        ddf_temperature: float = 5.0,
+    ) -> None:
+        super().__init__()
+        if task not in ("segment", "detect"):
+            raise ValueError(f"task must be 'segment' or 'detect', got {task!r}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        default = {
+            "loss_vfl": 1.0,
+            "loss_psl": 1.0,
+            "loss_bbox": 5.0,
+            "loss_giou": 2.0,
+            "loss_fgl": 0.15,
+            "loss_ddf": 1.5,
+            "loss_mask_bce": 1.0,
+            "loss_mask_dice": 1.0,
+        }
+        self.weights = {**default, **(weights or {})}
+        self.alpha = alpha
+        self.gamma = gamma
+        self.task = task
+        self.position_supervised = position_supervised
+        self.ddf_temperature = ddf_temperature
+
+    # ---------------------------------------------------------- entry point
+    def forward(self, outputs: dict[str, Any], targets: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        device = outputs["pred_logits"].device
+        # The loss runs in fp32 even inside an autocast region (fp16 logits overflow the BCE and the KL).
+        with torch.autocast(device_type=device.type, enabled=False):
+            return self._forward(_to_fp32(outputs), targets, device)
+
+    def _forward(self, outputs: dict[str, Any], targets: list[dict[str, Any]], device: torch.device):
+        counter: list[torch.Tensor] = []
+        main = self._sanitize(outputs, counter)
+        aux = [self._sanitize(o, counter) for o in outputs.get("aux_outputs") or []]
+        # Masks are supervised (and matched) on the final, auxiliary and denoising layers only (D-FINE-seg
+        # section 3.3); pre (= layer 0) and encoder outputs are matched and supervised on class and box.
+        pre = (
+            self._sanitize(_no_masks(outputs["pre_outputs"]), counter) if outputs.get("pre_outputs") else None
+        )
+        enc = [self._sanitize(_no_masks(o), counter) for o in outputs.get("enc_aux_outputs") or []]
+        dn = [self._sanitize(o, counter) for o in outputs.get("dn_outputs") or []]
+        dn_pre = (
+            self._sanitize(_no_masks(outputs["dn_pre_outputs"]), counter)
+            if outputs.get("dn_pre_outputs")
+            else None
+        )
+        up, reg_scale = outputs.get("up"), outputs.get("reg_scale")
+
+        mask_size = tuple(main["pred_masks"].shape[-2:]) if self._segment(main) else None
+        tgts = self._prepare_targets(targets, device, mask_size, counter)
+        agnostic = bool((outputs.get("enc_meta") or {}).get("class_agnostic", False))
+        enc_tgts = [{**t, "labels": torch.zeros_like(t["labels"])} for t in tgts] if agnostic else tgts
+
+        own = self.matcher(main, tgts)
+        own_aux = [self.matcher(o, tgts) for o in aux]
+        own_pre = self.matcher(pre, tgts) if pre is not None else None
+        own_enc = [self.matcher(o, enc_tgts) for o in enc]
+        go = union_of_matches([own, *own_aux, *([own_pre] if own_pre is not None else []), *own_enc])
+
+        num_boxes = _world_mean(sum(len(t["labels"]) for t in tgts), device)
+        num_go = _world_mean(sum(len(q) for q, _ in go), device)
+        # DDF mixes its matched/unmatched means by sqrt counts, scaled to a per-GPU batch of 8 as the official code.
+        batch, queries = main["pred_logits"].shape[:2]
+        n_pos = 4 * sum(len(q) for q, _ in go)
+        n_neg = 4 * batch * queries - n_pos
+        ddf_mix = (math.sqrt(n_pos * 8 / batch), math.sqrt(n_neg * 8 / batch))
+
+        ctx = {"up": up, "reg_scale": reg_scale, "ddf_mix": ddf_mix, "counter": counter}
+        losses: dict[str, torch.Tensor] = {}
+        losses.update(self._terms(main, tgts, own, go, num_boxes, num_go, ctx, ""))
+        for i, (o, m) in enumerate(zip(aux, own_aux)):
+            losses.update(self._terms(o, tgts, m, go, num_boxes, num_go, ctx, f"_aux_{i}"))
+        if pre is not None:
+            losses.update(self._terms(pre, tgts, own_pre, go, num_boxes, num_go, ctx, "_pre"))
+        for i, (o, m) in enumerate(zip(enc, own_enc)):
+            losses.update(self._terms(o, enc_tgts, m, go, num_boxes, num_go, ctx, f"_enc_{i}"))
+
+        dn_meta = outputs.get("dn_meta")
+        if dn and dn_meta is not None and dn_meta.get("dn_positive_idx") is not None:
+            dn_idx = self._dn_indices(dn_meta, tgts)
+            num_dn = max(num_boxes * dn_meta["dn_num_group"], 1.0)
+            for i, o in enumerate(dn):
+                losses.update(self._terms(o, tgts, dn_idx, dn_idx, num_dn, num_dn, ctx, f"_dn_{i}"))
+            if dn_pre is not None:
+                losses.update(self._terms(dn_pre, tgts, dn_idx, dn_idx, num_dn, num_dn, ctx, "_dn_pre"))
+
+        losses["num_sanitized"] = (
+            torch.stack(counter).sum().float() if counter else torch.zeros((), device=device)
+        )
+        return losses
+
+    # ---------------------------------------------------------- per-output terms
+    def _segment(self, out: dict[str, Any]) -> bool:
+        return self.task == "segment" and out.get("pred_masks") is not None
+
+    def _terms(
+        self, out, tgts, cls_idx: Indices, box_idx: Indices, num_cls: float, num_box: float, ctx, suffix: str
+    ):
+        device = out["pred_logits"].device
+        res: dict[str, torch.Tensor] = {}
+
+        idx = _src_idx(cls_idx, device)
+        labels = _gather_targets(tgts, cls_idx, "labels").to(device)
+        gt = _gather_targets(tgts, cls_idx, "boxes").to(device)
+        ious = _paired_iou(_xyxy_clamped(out["pred_boxes"][idx].detach()), box_convert(gt, "cxcywh", "xyxy"))
+        if self.position_supervised:
+            res["loss_psl"] = position_supervised_loss(
+                out["pred_logits"], idx, labels, ious, num_cls, self.gamma
+            )
+        else:
+            res["loss_vfl"] = vfl_loss(out["pred_logits"], idx, labels, ious, num_cls, self.alpha, self.gamma)
+
+        bidx = _src_idx(box_idx, device)
+        src = out["pred_boxes"][bidx]
+        gt_box = _gather_targets(tgts, box_idx, "boxes").to(device)
+        res["loss_bbox"], res["loss_giou"] = box_losses(src, gt_box, num_box)
+
+        if out.get("pred_corners") is not None and out.get("ref_points") is not None:
+            res.update(self._local(out, bidx, gt_box, num_box, ctx))
+
+        if self._segment(out):
+            res["loss_mask_bce"], res["loss_mask_dice"] = self._masks(out, tgts, cls_idx, ctx["counter"])
+
+        return {k + suffix: v * self.weights[k] for k, v in res.items()}
+
+    def _local(self, out, bidx, gt_box: torch.Tensor, num_box: float, ctx) -> dict[str, torch.Tensor]:
+        corners_all = out["pred_corners"]
+        bins = corners_all.shape[-1] // 4
+        reg_max = bins - 1
+        gt_xyxy = box_convert(gt_box, "cxcywh", "xyxy")
+        ious = _paired_iou(_xyxy_clamped(out["pred_boxes"][bidx].detach()), gt_xyxy)
+        left, wl, wr = fdr_targets(
+            out["ref_points"][bidx].detach(), gt_xyxy, reg_max, ctx["reg_scale"], ctx["up"]
+        )
+        res = {"loss_fgl": fgl_loss(corners_all[bidx].reshape(-1, bins), left, wl, wr, ious, num_box)}
+
+        teacher = out.get("teacher_corners")
+        if teacher is not None:
+            corners = corners_all.reshape(-1, bins)
+            teacher = teacher.reshape(-1, bins)
+            if torch.equal(corners, teacher):  # the teacher layer itself
+                res["loss_ddf"] = corners.sum() * 0
+            else:
+                weight = out["teacher_logits"].sigmoid().max(-1).values.detach().clone()
+                matched = torch.zeros_like(weight, dtype=torch.bool)
+                matched[bidx] = True
+                weight[bidx] = ious.to(weight.dtype)
+                res["loss_ddf"] = ddf_loss(
+                    corners,
+                    teacher,
+                    _per_edge(weight),
+                    _per_edge(matched),
+                    *ctx["ddf_mix"],
+                    self.ddf_temperature,
+                )
+        return res
+
+    def _masks(
+        self, out, tgts, cls_idx: Indices, counter: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = out["pred_masks"]
+        logits, target, boxes = [], [], []
+        for b, (t, (q, g)) in enumerate(zip(tgts, cls_idx)):
+            if t.get("masks_lowres") is None or len(q) == 0:
+                continue
+            keep = t["has_mask"][g.to(t["has_mask"].device)].to(q.device)
+            q, g = q[keep], g[keep]
+            if len(q) == 0:
+                continue
+            rows = pred[b, q.to(pred.device)].float()
+            finite = torch.isfinite(rows)
+            counter.append((~finite.flatten(1).all(-1)).sum())
+            logits.append(torch.where(finite, rows, torch.zeros_like(rows)))
+            target.append(t["masks_lowres"][g.to(t["masks_lowres"].device)].to(pred.device))
+            boxes.append(t["boxes"][g.to(t["boxes"].device)].to(pred.device))
+        if not logits:
+            zero = pred.sum() * 0
+            return zero, zero
+        return mask_losses(torch.cat(logits), torch.cat(target), torch.cat(boxes))
+
+    # ---------------------------------------------------------- inputs
+    def _sanitize(self, out: dict[str, Any], counter: list[torch.Tensor]) -> dict[str, Any]:
+        """Copy of an output dict with non-finite values zeroed; counts the affected queries.
+
+        No host sync. `pred_masks` is neither copied nor scanned here (that would cost more than the loss at
+        640x640): the matcher caps non-finite costs and `_masks` repairs and counts the matched rows.
+        """
+        res = dict(out)
+        logits = out["pred_logits"]
+        bad = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        for key in (
+            "pred_logits",
+            "pred_boxes",
+            "pred_corners",
+            "ref_points",
+            "teacher_corners",
+            "teacher_logits",
+        ):
+            x = out.get(key)
+            if not isinstance(x, torch.Tensor):
+                continue
+            finite = torch.isfinite(x)
+            if key in ("pred_logits", "pred_boxes", "pred_corners"):
+                bad |= ~finite.all(-1)
+            res[key] = torch.where(finite, x, torch.zeros_like(x))
+        boxes = res["pred_boxes"]
+        bad |= (boxes[..., 2] <= 0) | (boxes[..., 3] <= 0)
+        counter.append(bad.sum())
+        return res
+
+    def _prepare_targets(
+        self, targets, device, mask_size, counter: list[torch.Tensor]
+    ) -> list[dict[str, Any]]:
+        prepared = []
+        for i, t in enumerate(targets):
+            labels = t["labels"].to(device=device, dtype=torch.int64)
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise ValueError(
+                    f"target {i}: class label {int(labels.max()) if int(labels.max()) >= self.num_classes else int(labels.min())}"
+                    f" outside 0..{self.num_classes - 1}; the model was built for {self.num_classes} classes"
+                    " (check model.num_classes against the dataset's names)"
+                )
+            boxes = t["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4)
+            finite = torch.isfinite(boxes)
+            boxes = torch.where(finite, boxes, torch.zeros_like(boxes))
+            # Counted, not dropped: a zero-size GT still has a class and a centre to learn from.
+            counter.append((~finite.all(-1) | (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0)).sum())
+            entry: dict[str, Any] = {"labels": labels, "boxes": boxes, "masks_lowres": None}
+            masks = t.get("masks")
+            if mask_size is not None and masks is not None:
+                entry["masks_lowres"] = downsample_masks(masks.to(device), mask_size)
+                has_mask = t.get("has_mask")
+                entry["has_mask"] = (
+                    has_mask.to(device=device, dtype=torch.bool)
+                    if has_mask is not None
+                    else torch.ones(len(labels), dtype=torch.bool, device=device)
+                )
+            prepared.append(entry)
+        return prepared
+
+    @staticmethod
+    def _dn_indices(dn_meta: dict[str, Any], tgts: list[dict[str, Any]]) -> Indices:
+        groups = int(dn_meta["dn_num_group"])
+        res = []
+        for t, pos in zip(tgts, dn_meta["dn_positive_idx"]):
+            n = len(t["labels"])
+            gt = torch.arange(n, dtype=torch.int64).repeat(groups)
+            pos = torch.as_tensor(pos, dtype=torch.int64).cpu()
+            if len(pos) != len(gt):
+                raise ValueError(
+                    f"dn_meta: {len(pos)} positive denoising queries for {n} GTs x {groups} groups"
+                )
+            res.append((pos, gt))
+        return res
+
+
+SetCriterion = DFINESegCriterion
+
+
+def build_criterion(loss_cfg: Any, num_classes: int, task: str = "segment") -> DFINESegCriterion:
+    """`LossConfig` -> criterion with its matcher."""
+    weights = {
+        "loss_vfl": loss_cfg.vfl,
+        "loss_psl": loss_cfg.vfl,
+        "loss_bbox": loss_cfg.l1,
+        "loss_giou": loss_cfg.giou,
+        "loss_fgl": loss_cfg.fgl,
+        "loss_ddf": loss_cfg.ddf,
+        "loss_mask_bce": loss_cfg.mask_bce,
+        "loss_mask_dice": loss_cfg.mask_dice,
+    }
+    return DFINESegCriterion(
+        num_classes=num_classes,
+        matcher=HungarianMatcher.from_config(loss_cfg, task),
+        weights=weights,
+        alpha=loss_cfg.focal_alpha,
+        gamma=loss_cfg.focal_gamma,
+        task=task,
+        position_supervised=loss_cfg.position_supervised_cls,
+    )
+
+
+def total_loss(loss_dict: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the weighted loss terms (keys starting with `loss_`; counters like `num_sanitized` excluded)."""
+    terms = [v for k, v in loss_dict.items() if k.startswith("loss_")]
+    if not terms:
+        raise ValueError("loss dict holds no loss_* terms")
+    return torch.stack(terms).sum()
+
+
+def aggregate_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per base name (`loss_vfl`, `loss_bbox`, ...) the sum over final/aux/pre/enc/dn outputs, plus `loss`
+    (the total) and the counters, as floats for logging (one host sync)."""
+    keys = list(loss_dict)
+    if not keys:
+        return {"loss": 0.0}
+    dev = next((v.device for v in loss_dict.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    values = torch.stack(
+        [torch.as_tensor(loss_dict[k], device=dev).detach().float().reshape(()) for k in keys]
+    ).tolist()
+    agg: dict[str, float] = {}
+    for k, value in zip(keys, values):
+        base = _SUFFIX.sub("", k) if k.startswith("loss_") else k
+        agg[base] = agg.get(base, 0.0) + value
+    agg["loss"] = sum(v for k, v in agg.items() if k.startswith("loss_"))
+    return agg

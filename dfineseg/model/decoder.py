@@ -1,0 +1,421 @@
+"""The D-FINE decoder: query selection, deformable cross-attention with per-level point counts, the gate,
+fine-grained distribution refinement (FDR), LQE, per-layer heads, the pre-box head and denoising queries.
+
+Attribute names follow the official `DFINETransformer` so checkpoints load key for key, including its
+quirks: `up` / `reg_scale` are non-trainable parameters shared with the inner decoder (so they appear
+twice in the state_dict), and `anchors` / `valid_mask` are persistent buffers for 640x640 that we
+refresh for the actual input size instead of trusting.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfineseg.infer.boxes import box_convert
+from dfineseg.loss.box_ops import inverse_sigmoid
+from dfineseg.loss.denoising import contrastive_denoising_group
+
+
+def prior_bias(prob: float) -> float:
+    """Logit bias that makes a fresh sigmoid head output `prob`."""
+    return -math.log((1 - prob) / prob)
+
+
+def weighting_function(reg_max: int, up: torch.Tensor, reg_scale: torch.Tensor) -> torch.Tensor:
+    """The non-uniform bin positions W(n), n = 0..reg_max (reg_max + 1 values, symmetric around 0)."""
+    u1 = up.abs()[0] * reg_scale.abs()[0]
+    u2 = 2 * u1
+    step = (u1 + 1) ** (2 / (reg_max - 2))
+    half = reg_max // 2
+    exps = torch.arange(1, half, dtype=up.dtype, device=up.device)
+    right = step ** exps - 1
+    left = -(step ** exps.flip(0)) + 1
+    return torch.cat([-u2[None], left, torch.zeros_like(u1)[None], right, u2[None]])
+
+
+def distance2bbox(ref: torch.Tensor, dist: torch.Tensor, reg_scale: torch.Tensor) -> torch.Tensor:
+    """Edge distances (l, t, r, b, in W units) around a cxcywh reference -> cxcywh box."""
+    c = reg_scale.abs()
+    cx, cy, w, h = ref.unbind(-1)
+    x1 = cx - (0.5 * c + dist[..., 0]) * (w / c)
+    y1 = cy - (0.5 * c + dist[..., 1]) * (h / c)
+    x2 = cx + (0.5 * c + dist[..., 2]) * (w / c)
+    y2 = cy + (0.5 * c + dist[..., 3]) * (h / c)
+    return box_convert(torch.stack([x1, y1, x2, y2], -1), "xyxy", "cxcywh")
+
+
+class MLP(nn.Module):
+    def __init__(self, cin: int, hidden: int, cout: int, num_layers: int):
+        super().__init__()
+        dims = [cin] + [hidden] * (num_layers - 1) + [cout]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < last:
+                x = F.relu(x)
+        return x
+
+
+class MSDeformableAttention(nn.Module):
+    """Deformable attention over box references; no value or output projection (as in D-FINE)."""
+
+    def __init__(self, dim: int, heads: int, points: list[int], offset_scale: float = 0.5):
+        super().__init__()
+        self.heads = heads
+        self.points = list(points)
+        self.offset_scale = offset_scale
+        total = sum(points)
+        self.register_buffer(
+            "num_points_scale", torch.tensor([1.0 / n for n in points for _ in range(n)], dtype=torch.float32))
+        self.sampling_offsets = nn.Linear(dim, heads * total * 2)
+        self.attention_weights = nn.Linear(dim, heads * total)
+        self._init()
+
+    def _init(self) -> None:
+        nn.init.zeros_(self.sampling_offsets.weight)
+        # Each head starts looking in its own direction, the k-th point of a level k steps out.
+        angles = torch.arange(self.heads, dtype=torch.float32) * (2 * math.pi / self.heads)
+        dirs = torch.stack([angles.cos(), angles.sin()], -1)
+        dirs = dirs / dirs.abs().max(-1, keepdim=True).values
+        steps = torch.cat([torch.arange(1, n + 1) for n in self.points]).float()
+        grid = dirs[:, None, :] * steps[None, :, None]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+
+    def forward(self, query: torch.Tensor, ref: torch.Tensor, values: list[torch.Tensor],
+                shapes: list[tuple[int, int]]) -> torch.Tensor:
+        """query [B,Q,D]; ref [B,Q,4] cxcywh; values: per level [B*heads, D/heads, H, W]."""
+        b, q, _ = query.shape
+        total = sum(self.points)
+        offsets = self.sampling_offsets(query).reshape(b, q, self.heads, total, 2)
+        weights = self.attention_weights(query).reshape(b, q, self.heads, total).softmax(-1)
+        scale = self.num_points_scale.to(query.dtype)[:, None]
+        ref = ref[:, :, None, None, :]
+        locs = ref[..., :2] + offsets * scale * ref[..., 2:] * self.offset_scale
+        grids = (2 * locs - 1).permute(0, 2, 1, 3, 4).flatten(0, 1)  # [B*heads, Q, total, 2]
+        sampled = []
+        for grid, value in zip(grids.split(self.points, dim=2), values, strict=True):
+            sampled.append(F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+        weights = weights.permute(0, 2, 1, 3).reshape(b * self.heads, 1, q, total)
+        out = (torch.cat(sampled, dim=-1) * weights).sum(-1)  # [B*heads, D/heads, Q]
+        return out.reshape(b, -1, q).transpose(1, 2)
+
+
+class Gate(nn.Module):
+    """Learned per-channel mix of the residual and the cross-attention output, then LayerNorm."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Linear(2 * dim, 2 * dim)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, prior_bias(0.5))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        g1, g2 = torch.sigmoid(self.gate(torch.cat([x, y], -1))).chunk(2, -1)
+        return self.norm(g1 * x + g2 * y)
+
+
+class TransformerDecoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn: int, points: list[int]):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=True)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_attn = MSDeformableAttention(dim, heads, points)
+        self.gateway = Gate(dim)
+        self.linear1 = nn.Linear(dim, ffn)
+        self.linear2 = nn.Linear(ffn, dim)
+        self.norm3 = nn.LayerNorm(dim)
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
+
+    def forward(self, x: torch.Tensor, ref: torch.Tensor, values: list[torch.Tensor], shapes: list[tuple[int, int]],
+                attn_mask: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+        q = x + pos
+        x = self.norm1(x + self.self_attn(q, q, value=x, attn_mask=attn_mask, need_weights=False)[0])
+        x = self.gateway(x, self.cross_attn(x + pos, ref, values, shapes))
+        x = x + self.linear2(F.relu(self.linear1(x)))
+        # The clamp keeps fp16 training finite (65504 is the fp16 maximum).
+        return self.norm3(x.clamp(min=-65504, max=65504))
+
+
+class LQE(nn.Module):
+    """Location quality: statistics of the edge distributions shift every class logit of a query."""
+
+    def __init__(self, k: int, hidden: int, num_layers: int, reg_max: int):
+        super().__init__()
+        self.k = k
+        self.reg_max = reg_max
+        self.reg_conf = MLP(4 * (k + 1), hidden, 1, num_layers)
+        nn.init.zeros_(self.reg_conf.layers[-1].weight)
+        nn.init.zeros_(self.reg_conf.layers[-1].bias)
+
+    def forward(self, logits: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+        b, q, _ = corners.shape
+        prob = corners.reshape(b, q, 4, self.reg_max + 1).softmax(-1)
+        top = prob.topk(self.k, dim=-1).values
+        stat = torch.cat([top, top.mean(-1, keepdim=True)], -1).reshape(b, q, -1)
+        return logits + self.reg_conf(stat)
+
+
+class TransformerDecoder(nn.Module):
+    """The layer stack; holds `up` and `reg_scale` again (shared with the parent, official layout)."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, points: list[int], num_layers: int, reg_max: int,
+                 up: nn.Parameter, reg_scale: nn.Parameter):
+        super().__init__()
+        self.heads = heads
+        self.reg_max = reg_max
+        self.up = up
+        self.reg_scale = reg_scale
+        self.layers = nn.ModuleList(TransformerDecoderLayer(dim, heads, ffn, points) for _ in range(num_layers))
+        self.lqe_layers = nn.ModuleList(LQE(4, 64, 2, reg_max) for _ in range(num_layers))
+
+
+class DFINEDecoder(nn.Module):
+    """Named `decoder` inside the model; the official `DFINETransformer`."""
+
+    def __init__(self, num_classes: int, hidden_dim: int, feat_channels: list[int], feat_strides: list[int],
+                 num_points: list[int], num_layers: int, nhead: int = 8, dim_feedforward: int = 1024,
+                 num_queries: int = 300, num_denoising: int = 100, label_noise_ratio: float = 0.5,
+                 box_noise_scale: float = 1.0, reg_max: int = 32, reg_scale: float = 4.0,
+                 anchor_size: tuple[int, int] = (640, 640)):
+        super().__init__()
+        if len(num_points) != len(feat_strides):
+            raise ValueError("one point count per feature level is needed")
+        self.num_classes = num_classes
+        self.hidden_dim = hidden_dim
+        self.feat_strides = list(feat_strides)
+        self.num_levels = len(feat_strides)
+        self.num_queries = num_queries
+        self.num_denoising = num_denoising
+        self.label_noise_ratio = label_noise_ratio
+        self.box_noise_scale = box_noise_scale
+        self.reg_max = reg_max
+        self.eps = 1e-2
+        self.eval_idx = num_layers - 1
+
+        self.input_proj = nn.ModuleList()
+        for c in feat_channels:
+            if c == hidden_dim:
+                self.input_proj.append(nn.Identity())
+            else:
+                proj = nn.Sequential()
+                proj.add_module("conv", nn.Conv2d(c, hidden_dim, 1, bias=False))
+                proj.add_module("norm", nn.BatchNorm2d(hidden_dim))
+                nn.init.xavier_uniform_(proj.conv.weight)
+                self.input_proj.append(proj)
+
+        self.up = nn.Parameter(torch.tensor([0.5]), requires_grad=False)
+        self.reg_scale = nn.Parameter(torch.tensor([float(reg_scale)]), requires_grad=False)
+        self.decoder = TransformerDecoder(hidden_dim, nhead, dim_feedforward, num_points, num_layers, reg_max,
+                                          self.up, self.reg_scale)
+        if num_denoising > 0:
+            self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
+            nn.init.normal_(self.denoising_class_embed.weight[:-1])
+        self.query_pos_head = MLP(4, 2 * hidden_dim, hidden_dim, 2)
+        self.enc_output = nn.Sequential()
+        self.enc_output.add_module("proj", nn.Linear(hidden_dim, hidden_dim))
+        self.enc_output.add_module("norm", nn.LayerNorm(hidden_dim))
+        self.enc_score_head = nn.Linear(hidden_dim, num_classes)
+        self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.dec_score_head = nn.ModuleList(nn.Linear(hidden_dim, num_classes) for _ in range(num_layers))
+        self.pre_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.dec_bbox_head = nn.ModuleList(
+            MLP(hidden_dim, hidden_dim, 4 * (reg_max + 1), 3) for _ in range(num_layers))
+
+        shapes = [(anchor_size[0] // s, anchor_size[1] // s) for s in self.feat_strides]
+        anchors, valid = self.generate_anchors(shapes)
+        self.register_buffer("anchors", anchors)
+        self.register_buffer("valid_mask", valid)
+        self._init()
+
+    def _init(self) -> None:
+        cls_bias = prior_bias(0.01)
+        nn.init.constant_(self.enc_score_head.bias, cls_bias)
+        for head in (self.enc_bbox_head, self.pre_bbox_head, *self.dec_bbox_head):
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+        for head in self.dec_score_head:
+            nn.init.constant_(head.bias, cls_bias)
+        nn.init.xavier_uniform_(self.enc_output.proj.weight)
+        nn.init.xavier_uniform_(self.query_pos_head.layers[0].weight)
+        nn.init.xavier_uniform_(self.query_pos_head.layers[1].weight)
+
+    def reset_class_parameters(self) -> None:
+        """Fresh initialisation of the class-dependent tensors (used when the class count changes)."""
+        cls_bias = prior_bias(0.01)
+        for head in (self.enc_score_head, *self.dec_score_head):
+            head.reset_parameters()
+            nn.init.constant_(head.bias, cls_bias)
+        if self.num_denoising > 0:
+            with torch.no_grad():
+                nn.init.normal_(self.denoising_class_embed.weight)
+                self.denoising_class_embed.weight[self.num_classes].zero_()
+
+    def class_dependent_keys(self, prefix: str = "decoder.") -> list[str]:
+        keys = [f"{prefix}enc_score_head.weight", f"{prefix}enc_score_head.bias"]
+        for i in range(len(self.dec_score_head)):
+            keys += [f"{prefix}dec_score_head.{i}.weight", f"{prefix}dec_score_head.{i}.bias"]
+        if self.num_denoising > 0:
+            keys.append(f"{prefix}denoising_class_embed.weight")
+        return keys
+
+    # ------------------------------------------------------------------ geometry
+    def generate_anchors(self, shapes: list[tuple[int, int]], device: torch.device | None = None,
+                         dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anchor logits [1, sum(h*w), 4] (inf where invalid) and the valid mask [1, sum(h*w), 1]."""
+        parts = []
+        for level, (h, w) in enumerate(shapes):
+            ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
+            xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
+            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+            wh = torch.full_like(gx, 0.05 * 2.0 ** level)
+            parts.append(torch.stack([gx, gy, wh, wh], -1).reshape(1, h * w, 4))
+        anchors = torch.cat(parts, 1)
+        valid = ((anchors > self.eps) & (anchors < 1 - self.eps)).all(-1, keepdim=True)
+        logits = torch.log(anchors / (1 - anchors))
+        logits = torch.where(valid, logits, torch.full_like(logits, float("inf")))
+        return logits.to(dtype), valid
+
+    def _flatten(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        tokens, shapes = [], []
+        for proj, f in zip(self.input_proj, feats, strict=True):
+            f = proj(f)
+            shapes.append((int(f.shape[2]), int(f.shape[3])))
+            tokens.append(f.flatten(2).transpose(1, 2))
+        return torch.cat(tokens, 1), shapes
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, feats: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None,
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """-> (D-FINE output dict, extras).
+
+        extras: `hidden` [L',B,Q',D] query states of the layers that produced outputs (every layer in
+        training, the last one in eval), `enc_memory` [B,Q,D] selected encoder states (training),
+        `dn_split` (denoising split or None).
+        """
+        memory, shapes = self._flatten(feats)
+        # Tiny inputs can have fewer tokens than queries.
+        topk = min(self.num_queries, int(memory.shape[1]))
+        if self.training and self.num_denoising > 0 and targets is not None:
+            dn_content, dn_ref, attn_mask, dn_meta = contrastive_denoising_group(
+                targets, self.num_classes, topk, self.denoising_class_embed, self.num_denoising,
+                self.label_noise_ratio, self.box_noise_scale)
+        else:
+            dn_content = dn_ref = attn_mask = dn_meta = None
+
+        # Anchors are built for the actual feature sizes (the `anchors` buffer only mirrors the official
+        # 640x640 layout for checkpoint compatibility).
+        anchors, valid = self.generate_anchors(shapes, memory.device, memory.dtype)
+        # Only query selection sees the masked memory; the cross-attention values stay unmasked (official).
+        enc_mem = self.enc_output(valid.to(memory.dtype) * memory)
+        enc_logits = self.enc_score_head(enc_mem)
+        idx = enc_logits.max(-1).values.topk(topk, dim=1).indices
+        sel_mem = enc_mem.gather(1, idx[..., None].expand(-1, -1, enc_mem.shape[-1]))
+        sel_anchor = anchors.expand(memory.shape[0], -1, -1).gather(1, idx[..., None].expand(-1, -1, 4))
+        enc_ref_unact = self.enc_bbox_head(sel_mem) + sel_anchor
+
+        content = sel_mem.detach()
+        ref_unact = enc_ref_unact.detach()
+        if dn_content is not None:
+            content = torch.cat([dn_content, content], 1)
+            ref_unact = torch.cat([dn_ref, ref_unact], 1)
+
+        layers = self._run_layers(content, ref_unact, memory, shapes, attn_mask)
+        out, extras = self._assemble(layers, dn_meta)
+        if self.training:
+            sel_logits = enc_logits.gather(1, idx[..., None].expand(-1, -1, enc_logits.shape[-1]))
+            out["enc_aux_outputs"] = [{"pred_logits": sel_logits, "pred_boxes": enc_ref_unact.sigmoid()}]
+            out["enc_meta"] = {"class_agnostic": False}
+            extras["enc_memory"] = sel_mem
+        return out, extras
+
+    def _run_layers(self, target: torch.Tensor, ref_unact: torch.Tensor, memory: torch.Tensor,
+                    shapes: list[tuple[int, int]], attn_mask: torch.Tensor | None) -> dict[str, Any]:
+        dec = self.decoder
+        b, n, d = memory.shape
+        heads = dec.heads
+        # Values: the memory split into heads, one [B*heads, D/heads, H, W] map per level.
+        per_level = memory.reshape(b, n, heads, d // heads).permute(0, 2, 3, 1).split([h * w for h, w in shapes], -1)
+        values = [v.reshape(b * heads, d // heads, h, w) for v, (h, w) in zip(per_level, shapes, strict=True)]
+        project = weighting_function(self.reg_max, self.up, self.reg_scale)
+
+        ref = ref_unact.sigmoid()
+        x = target
+        prev_state: torch.Tensor | float = 0.0
+        prev_corners: torch.Tensor | float = 0.0
+        res: dict[str, Any] = {"logits": [], "boxes": [], "corners": [], "refs": [], "hidden": []}
+        last = len(dec.layers) - 1
+        for i, layer in enumerate(dec.layers):
+            pos = self.query_pos_head(ref).clamp(min=-10, max=10)
+            x = layer(x, ref, values, shapes, attn_mask, pos)
+            if i == 0:
+                # Pre-box: one residual step on the encoder reference, the fixed origin of every FDR layer.
+                pre_boxes = torch.sigmoid(self.pre_bbox_head(x) + inverse_sigmoid(ref))
+                res["pre_logits"] = self.dec_score_head[0](x)
+                res["pre_boxes"] = pre_boxes
+                origin = pre_boxes.detach()
+            corners = self.dec_bbox_head[i](x + prev_state) + prev_corners
+            probs = corners.reshape(*corners.shape[:-1], 4, self.reg_max + 1).softmax(-1)
+            boxes = distance2bbox(origin, probs @ project, self.reg_scale)
+            if self.training or i == last:
+                logits = dec.lqe_layers[i](self.dec_score_head[i](x), corners)
+                res["logits"].append(logits)
+                res["boxes"].append(boxes)
+                res["corners"].append(corners)
+                res["refs"].append(origin)
+                res["hidden"].append(x)
+            prev_corners = corners
+            ref = boxes.detach()
+            prev_state = x.detach()
+        return res
+
+    def _assemble(self, res: dict[str, Any], dn_meta: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        stacks = {k: torch.stack(res[k]) for k in ("logits", "boxes", "corners", "refs", "hidden")}
+        pre_logits, pre_boxes = res["pre_logits"], res["pre_boxes"]
+        split = None
+        dn: dict[str, torch.Tensor] = {}
+        if self.training and dn_meta is not None:
+            split = dn_meta["dn_num_split"]
+            for k, v in stacks.items():
+                dn[k], stacks[k] = v.split(split, dim=2)
+            dn["pre_logits"], pre_logits = pre_logits.split(split, dim=1)
+            dn["pre_boxes"], pre_boxes = pre_boxes.split(split, dim=1)
+
+        out: dict[str, Any] = {"pred_logits": stacks["logits"][-1], "pred_boxes": stacks["boxes"][-1]}
+        extras: dict[str, Any] = {"hidden": stacks["hidden"], "dn_split": split}
+        if not self.training:
+            return out, extras
+        out.update({"pred_corners": stacks["corners"][-1], "ref_points": stacks["refs"][-1],
+                    "up": self.up, "reg_scale": self.reg_scale})
+        out["aux_outputs"] = _layer_dicts(stacks, last_teacher=True, drop_last=True)
+        out["pre_outputs"] = {"pred_logits": pre_logits, "pred_boxes": pre_boxes}
+        if dn_meta is not None:
+            if dn:
+                out["dn_outputs"] = _layer_dicts(dn, last_teacher=True, drop_last=False)
+                out["dn_pre_outputs"] = {"pred_logits": dn["pre_logits"], "pred_boxes": dn["pre_boxes"]}
+                extras["dn_hidden"] = dn["hidden"]
+            out["dn_meta"] = dn_meta
+        return out, extras
+
+
+def _layer_dicts(stacks: dict[str, torch.Tensor], last_teacher: bool, drop_last: bool) -> list[dict[str, Any]]:
+    n = stacks["logits"].shape[0] - (1 if drop_last else 0)
+    teacher_corners = stacks["corners"][-1] if last_teacher else None
+    teacher_logits = stacks["logits"][-1] if last_teacher else None
+    return [
+        {"pred_logits": stacks["logits"][i], "pred_boxes": stacks["boxes"][i], "pred_corners": stacks["corners"][i],
+         "ref_points": stacks["refs"][i], "teacher_corners": teacher_corners, "teacher_logits": teacher_logits}
+        for i in range(n)
+    ]

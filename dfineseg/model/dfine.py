@@ -1,0 +1,188 @@
+"""D-FINE-seg: HGNetv2 + HybridEncoder + D-FINE decoder (+ mask head for `task=segment`).
+
+The detection part (`backbone`, `decoder`, `encoder`) has exactly the official D-FINE state_dict keys
+and shapes; the mask head lives under `mask_head`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfineseg.infer.boxes import box_convert
+from dfineseg.model.decoder import DFINEDecoder
+from dfineseg.model.encoder import HybridEncoder
+from dfineseg.model.hgnetv2 import HGNetv2
+from dfineseg.model.mask_head import MaskHead
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    backbone: str
+    use_lab: bool
+    frozen_stem_bn: bool  # L/X: frozen stem and FrozenBatchNorm in the backbone (official)
+    return_idx: tuple[int, ...]
+    in_channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    enc_hidden: int
+    enc_ffn: int
+    encoder_idx: int
+    expansion: float
+    depth_mult: float
+    dec_hidden: int
+    dec_ffn: int
+    dec_layers: int
+    points: tuple[int, ...]
+    reg_scale: float
+    heads: int = 8
+
+
+SIZES: dict[str, SizeSpec] = {
+    "n": SizeSpec("B0", True, False, (2, 3), (512, 1024), (16, 32), 128, 512, 1, 0.34, 0.5, 128, 512, 3, (6, 6), 4),
+    "s": SizeSpec("B0", True, False, (1, 2, 3), (256, 512, 1024), (8, 16, 32), 256, 1024, 2, 0.5, 0.34,
+                  256, 1024, 3, (3, 6, 3), 4),
+    "m": SizeSpec("B2", True, False, (1, 2, 3), (384, 768, 1536), (8, 16, 32), 256, 1024, 2, 1.0, 0.67,
+                  256, 1024, 4, (3, 6, 3), 4),
+    "l": SizeSpec("B4", False, True, (1, 2, 3), (512, 1024, 2048), (8, 16, 32), 256, 1024, 2, 1.0, 1.0,
+                  256, 1024, 6, (3, 6, 3), 4),
+    "x": SizeSpec("B5", False, True, (1, 2, 3), (512, 1024, 2048), (8, 16, 32), 384, 2048, 2, 1.0, 1.0,
+                  256, 1024, 6, (3, 6, 3), 8),
+    # Tests and quick CPU demos: a narrow B0-like backbone, width 64, two decoder layers (~1 M parameters).
+    "tiny": SizeSpec("T0", True, False, (1, 2, 3), (64, 128, 256), (8, 16, 32), 64, 128, 2, 0.5, 0.34,
+                     64, 128, 2, (3, 6, 3), 4, heads=4),
+}
+
+MASK_STRIDE = 4
+
+
+class DFINESeg(nn.Module):
+    def __init__(self, size: str, num_classes: int, task: str = "segment", num_queries: int = 300,
+                 num_denoising: int = 100, fpn_channels: int = 64, mask_channels: int = 64, embed_layers: int = 3,
+                 depthwise_mask: bool = True, mask_norm: str = "bn"):
+        super().__init__()
+        if size not in SIZES:
+            raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+        if task not in ("detect", "segment"):
+            raise ValueError(f"model.task must be 'detect' or 'segment', got {task!r}")
+        spec = SIZES[size]
+        self.size = size
+        self.task = task
+        self.num_classes = num_classes
+        self.spec = spec
+        # The mask head needs a stride-8 map; N's encoder starts at stride 16, so N also returns stage 1.
+        self.mask_from_backbone = task == "segment" and spec.strides[0] != 8
+        bb_idx = tuple(sorted(set(spec.return_idx) | ({1} if self.mask_from_backbone else set())))
+        # Registration order backbone, decoder, encoder = the official state_dict order.
+        self.backbone = HGNetv2(spec.backbone, use_lab=spec.use_lab, return_idx=bb_idx,
+                                freeze_stem=spec.frozen_stem_bn, freeze_norm=spec.frozen_stem_bn)
+        self.decoder = DFINEDecoder(
+            num_classes, spec.dec_hidden, [spec.enc_hidden] * len(spec.strides), list(spec.strides),
+            list(spec.points), spec.dec_layers, nhead=spec.heads, dim_feedforward=spec.dec_ffn,
+            num_queries=num_queries, num_denoising=num_denoising, reg_scale=spec.reg_scale)
+        self.encoder = HybridEncoder(
+            list(spec.in_channels), list(spec.strides), spec.enc_hidden, nhead=spec.heads,
+            dim_feedforward=spec.enc_ffn, use_encoder_idx=(spec.encoder_idx,), expansion=spec.expansion,
+            depth_mult=spec.depth_mult)
+        if task == "segment":
+            mask_in = [spec.enc_hidden] * len(spec.strides)
+            if self.mask_from_backbone:
+                mask_in = [self.backbone.out_channels[1], *mask_in]
+            self.mask_head = MaskHead(mask_in, spec.dec_hidden, fpn_channels, mask_channels, embed_layers,
+                                      depthwise_mask, mask_norm)
+
+    # ------------------------------------------------------------------ parts
+    def features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """-> (PAN outputs, mask-head inputs stride 8/16/32 or None for detect)."""
+        h, w = images.shape[-2:]
+        if h % 32 or w % 32:
+            raise ValueError(f"input height and width must be multiples of 32, got {h}x{w}")
+        bb = dict(zip(self.backbone.return_idx, self.backbone(images), strict=True))
+        pan = self.encoder([bb[i] for i in self.spec.return_idx])
+        if self.task != "segment":
+            return pan, None
+        return pan, ([bb[1], *pan] if self.mask_from_backbone else pan)
+
+    def detection_state_dict(self) -> dict[str, torch.Tensor]:
+        """The official D-FINE part of the state_dict (no mask head)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("mask_head.")}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+        pan, mask_in = self.features(images)
+        out, extras = self.decoder(pan, targets)
+        if mask_in is None:
+            return out
+        pixels = self.mask_head.pixel_features(mask_in)
+        layer_masks = self.mask_head.mask_logits(extras["hidden"], pixels)  # [L',B,Q,h,w]
+        out["pred_masks"] = layer_masks[-1]
+        if not self.training:
+            return out
+        for i, aux in enumerate(out.get("aux_outputs", [])):
+            aux["pred_masks"] = layer_masks[i]
+        # The pre-box head reads layer 0's states, so its masks are layer 0's masks.
+        out["pre_outputs"]["pred_masks"] = layer_masks[0]
+        if "enc_memory" in extras:
+            out["enc_aux_outputs"][0]["pred_masks"] = self.mask_head.mask_logits(extras["enc_memory"], pixels)
+        if "dn_hidden" in extras:
+            dn_masks = self.mask_head.mask_logits(extras["dn_hidden"], pixels)
+            for i, dn in enumerate(out["dn_outputs"]):
+                dn["pred_masks"] = dn_masks[i]
+            out["dn_pre_outputs"]["pred_masks"] = dn_masks[0]
+        return out
+
+
+class DeployModel(nn.Module):
+    """The exported graph: images [B,3,H,W] RGB 0..1 -> (scores [B,K], labels int64 [B,K], boxes [B,K,4] xyxy
+    normalised, mask_logits [B,K,H/4,W/4] for segment). Top-K over queries by their best class score; masks
+    are computed only for the K selected queries."""
+
+    def __init__(self, model: DFINESeg, topk: int = 100):
+        super().__init__()
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        self.model = model.eval()
+        self.topk = topk
+
+    def train(self, mode: bool = True) -> DeployModel:  # noqa: ARG002  (deployment is always eval)
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        m = self.model
+        pan, mask_in = m.features(images)
+        out, extras = m.decoder(pan)
+        probs = out["pred_logits"].sigmoid()
+        best, labels = probs.max(-1)
+        k = min(self.topk, int(best.shape[1]))
+        scores, idx = best.topk(k, dim=1)
+        labels = labels.gather(1, idx)
+        boxes = out["pred_boxes"].gather(1, idx[..., None].expand(-1, -1, 4))
+        boxes = box_convert(boxes, "cxcywh", "xyxy")
+        if mask_in is None:
+            return scores, labels, boxes
+        hidden = extras["hidden"][-1]
+        hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        masks = m.mask_head.mask_logits(hidden, m.mask_head.pixel_features(mask_in))
+        return scores, labels, boxes, masks
+
+
+def build_model(model_cfg: Any, num_classes: int) -> DFINESeg:
+    """Build from a `dfineseg.config.ModelConfig` (weights are loaded separately, see `weights.py`)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    mh = model_cfg.mask_head
+    model = DFINESeg(
+        model_cfg.size, num_classes, model_cfg.task, num_queries=model_cfg.num_queries,
+        num_denoising=model_cfg.num_denoising, fpn_channels=mh.fpn_channels, mask_channels=mh.mask_channels,
+        embed_layers=mh.embed_layers, depthwise_mask=mh.depthwise, mask_norm=mh.norm)
+    if getattr(model_cfg, "freeze_backbone", False):
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def count_parameters(module: nn.Module) -> int:
+    """All parameters, shared ones once, frozen ones included (the official counting)."""
+    return sum(p.numel() for p in module.parameters())

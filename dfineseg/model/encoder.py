@@ -1,0 +1,187 @@
+"""HybridEncoder: AIFI (one transformer layer on the deepest level) + FPN/PAN with RepNCSPELAN4 and SCDown.
+
+Attribute names follow the official D-FINE layout (`input_proj`, `encoder`, `lateral_convs`, `fpn_blocks`,
+`downsample_convs`, `pan_blocks`, convs as `.conv` + `.norm`) so checkpoints load key for key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvNorm(nn.Module):
+    """Conv (no bias) + BatchNorm + optional activation."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: str | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, padding=(k - 1) // 2, groups=groups, bias=False)
+        self.norm = nn.BatchNorm2d(cout)
+        self.act = nn.SiLU() if act == "silu" else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class RepVGGBlock(nn.Module):
+    """3x3 and 1x1 conv-BN branches summed, then SiLU (re-parameterisable into one 3x3 conv)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = ConvNorm(cin, cout, 3)
+        self.conv2 = ConvNorm(cin, cout, 1)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv1(x) + self.conv2(x))
+
+
+class CSPLayer(nn.Module):
+    """Two 1x1 branches, one through `n` RepVGG blocks, summed (expansion 1: no output projection)."""
+
+    def __init__(self, cin: int, cout: int, n: int):
+        super().__init__()
+        self.conv1 = ConvNorm(cin, cout, 1, act="silu")
+        self.conv2 = ConvNorm(cin, cout, 1, act="silu")
+        self.bottlenecks = nn.Sequential(*[RepVGGBlock(cout, cout) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bottlenecks(self.conv1(x)) + self.conv2(x)
+
+
+class RepNCSPELAN4(nn.Module):
+    def __init__(self, c1: int, c2: int, c3: int, c4: int, n: int):
+        super().__init__()
+        self.split = c3 // 2
+        self.cv1 = ConvNorm(c1, c3, 1, act="silu")
+        self.cv2 = nn.Sequential(CSPLayer(c3 // 2, c4, n), ConvNorm(c4, c4, 3, act="silu"))
+        self.cv3 = nn.Sequential(CSPLayer(c4, c4, n), ConvNorm(c4, c4, 3, act="silu"))
+        self.cv4 = ConvNorm(c3 + 2 * c4, c2, 1, act="silu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.cv1(x).split((self.split, self.split), dim=1)
+        c = self.cv2(b)
+        d = self.cv3(c)
+        return self.cv4(torch.cat([a, b, c, d], dim=1))
+
+
+class SCDown(nn.Module):
+    """Spatial-channel decoupled downsampling: 1x1 conv, then depthwise 3x3 stride 2."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.cv1 = ConvNorm(cin, cout, 1)
+        self.cv2 = ConvNorm(cout, cout, 3, 2, groups=cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv2(self.cv1(x))
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Post-norm transformer layer with GELU FFN; the position embedding is added to queries and keys."""
+
+    def __init__(self, dim: int, heads: int, ffn: int):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=True)
+        self.linear1 = nn.Linear(dim, ffn)
+        self.linear2 = nn.Linear(ffn, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.activation = nn.GELU()
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        q = x + pos
+        x = self.norm1(x + self.self_attn(q, q, value=x, need_weights=False)[0])
+        return self.norm2(x + self.linear2(self.activation(self.linear1(x))))
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn: int, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerEncoderLayer(dim, heads, ffn) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, pos)
+        return x
+
+
+def sincos_position_embedding(h: int, w: int, dim: int, temperature: float = 10000.0,
+                              device: torch.device | None = None) -> torch.Tensor:
+    """2-D sin-cos embedding [1, h*w, dim] for tokens flattened row-major (y, x).
+
+    The official code builds the grid w-major and concatenates (sin, cos) of its first axis then of its
+    second; on a square map the first axis lands on the token's row. We therefore put the row index in the
+    first half and the column in the second: identical to the official values for square inputs (so
+    trained weights see what they were trained with) and consistent for non-square ones, where the
+    official ordering scrambles positions.
+    """
+    if dim % 4:
+        raise ValueError(f"the sin-cos position embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
+    ys = torch.arange(h, dtype=torch.float32, device=device)
+    xs = torch.arange(w, dtype=torch.float32, device=device)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    oy = gy.reshape(-1, 1) * omega[None]
+    ox = gx.reshape(-1, 1) * omega[None]
+    return torch.cat([oy.sin(), oy.cos(), ox.sin(), ox.cos()], dim=1)[None]
+
+
+class HybridEncoder(nn.Module):
+    def __init__(self, in_channels: list[int], feat_strides: list[int], hidden_dim: int = 256, nhead: int = 8,
+                 dim_feedforward: int = 1024, use_encoder_idx: tuple[int, ...] = (2,), num_encoder_layers: int = 1,
+                 expansion: float = 1.0, depth_mult: float = 1.0, pe_temperature: float = 10000.0):
+        super().__init__()
+        self.in_channels = list(in_channels)
+        self.feat_strides = list(feat_strides)
+        self.hidden_dim = hidden_dim
+        self.use_encoder_idx = tuple(use_encoder_idx)
+        self.pe_temperature = pe_temperature
+        self.input_proj = nn.ModuleList()
+        for c in in_channels:
+            proj = nn.Sequential()
+            proj.add_module("conv", nn.Conv2d(c, hidden_dim, 1, bias=False))
+            proj.add_module("norm", nn.BatchNorm2d(hidden_dim))
+            self.input_proj.append(proj)
+        self.encoder = nn.ModuleList(
+            TransformerEncoder(hidden_dim, nhead, dim_feedforward, num_encoder_layers) for _ in use_encoder_idx
+        )
+        # Official widths: ELAN branch = round(expansion * hidden // 2), bottlenecks = round(3 * depth_mult).
+        c4 = round(expansion * hidden_dim // 2)
+        n = round(3 * depth_mult)
+        levels = len(in_channels)
+        self.lateral_convs = nn.ModuleList(ConvNorm(hidden_dim, hidden_dim, 1) for _ in range(levels - 1))
+        self.fpn_blocks = nn.ModuleList(
+            RepNCSPELAN4(hidden_dim * 2, hidden_dim, hidden_dim * 2, c4, n) for _ in range(levels - 1))
+        self.downsample_convs = nn.ModuleList(
+            nn.Sequential(SCDown(hidden_dim, hidden_dim)) for _ in range(levels - 1))
+        self.pan_blocks = nn.ModuleList(
+            RepNCSPELAN4(hidden_dim * 2, hidden_dim, hidden_dim * 2, c4, n) for _ in range(levels - 1))
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(feats) != len(self.in_channels):
+            raise ValueError(f"HybridEncoder expects {len(self.in_channels)} feature maps, got {len(feats)}")
+        proj = [p(f) for p, f in zip(self.input_proj, feats, strict=True)]
+        for enc, idx in zip(self.encoder, self.use_encoder_idx, strict=True):
+            b, c, h, w = proj[idx].shape
+            tokens = proj[idx].flatten(2).transpose(1, 2)
+            pos = sincos_position_embedding(h, w, c, self.pe_temperature, tokens.device).to(tokens.dtype)
+            proj[idx] = enc(tokens, pos).transpose(1, 2).reshape(b, c, h, w)
+
+        # Top-down: the coarser map goes through its lateral conv (kept as the new coarse output), is
+        # upsampled and fused with the next finer level.
+        levels = len(proj)
+        inner = [proj[-1]]
+        for step, idx in enumerate(range(levels - 1, 0, -1)):
+            top = self.lateral_convs[step](inner[0])
+            inner[0] = top
+            up = F.interpolate(top, scale_factor=2.0, mode="nearest")
+            inner.insert(0, self.fpn_blocks[step](torch.cat([up, proj[idx - 1]], dim=1)))
+
+        outs = [inner[0]]
+        for step in range(levels - 1):
+            down = self.downsample_convs[step](outs[-1])
+            outs.append(self.pan_blocks[step](torch.cat([down, inner[step + 1]], dim=1)))
+        return outs

@@ -1,0 +1,191 @@
+"""Checkpoint files: plain tensors and plain values, atomic writes, clear errors, a migration path.
+
+`torch.load(path, weights_only=True)` reads every file written here (no pickled classes), so loading a
+checkpoint from somewhere else cannot run code. RNG states are stored as tensors and lists for the same
+reason. Layout (docs/ARCHITECTURE.md section 6): schema_version, dfineseg_version, config, names,
+category_ids, model, ema, ema_updates, optimizer, scheduler, scaler, epoch, step, rng, metrics,
+best_fitness, plus trainer bookkeeping (epoch_step, nonfinite_steps, elapsed_s, total_epochs).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from dfineseg.infer.errors import UserError
+from dfineseg.utils.io import atomic_torch_save
+
+CHECKPOINT_SCHEMA = 1
+_REQUIRED = ("schema_version", "config", "names", "model")
+
+
+class CheckpointError(UserError, ValueError):
+    """A file that is missing, truncated, not a dfineseg checkpoint, or from a newer dfineseg."""
+
+
+# version -> function upgrading a checkpoint dict of that version to version + 1. Version 1 is the
+# first; when the layout changes, bump CHECKPOINT_SCHEMA and register the old version's upgrade here.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def migrate(ckpt: dict[str, Any], source: str = "checkpoint") -> dict[str, Any]:
+    version = int(ckpt.get("schema_version", 0))
+    if version > CHECKPOINT_SCHEMA:
+        raise CheckpointError(
+            f"{source}: checkpoint schema {version} is newer than this dfineseg supports ({CHECKPOINT_SCHEMA}); "
+            "upgrade dfineseg to read it"
+        )
+    while version < CHECKPOINT_SCHEMA:
+        upgrade = MIGRATIONS.get(version)
+        if upgrade is None:
+            raise CheckpointError(f"{source}: no migration from checkpoint schema {version} to {CHECKPOINT_SCHEMA}")
+        ckpt = upgrade(ckpt)
+        version += 1
+        ckpt["schema_version"] = version
+    return ckpt
+
+
+# ---------------------------------------------------------------- RNG states as tensors and lists
+def capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["name"],
+            np_state["keys"].numpy().astype(np.uint32),
+            int(np_state["pos"]),
+            int(np_state["has_gauss"]),
+            float(np_state["cached_gaussian"]),
+        )
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------- writing and reading
+def _to_cpu(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
+    """Atomic: a kill at any moment leaves the previous file or the new one, never a torn file."""
+    from dfineseg import __version__
+
+    out = dict(ckpt)
+    out.setdefault("schema_version", CHECKPOINT_SCHEMA)
+    out.setdefault("dfineseg_version", __version__)
+    atomic_torch_save(_to_cpu(out), path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: not a dfineseg checkpoint (it holds pickled Python objects: {str(exc).splitlines()[0]}). "
+            "An official D-FINE .pth goes in model.weights=, not in resume= or weights= of val/export"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(
+            f"{path}: unreadable or truncated checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "use another copy (last.pt and best.pt are written atomically, so a kill leaves one intact)"
+        ) from None
+    if not isinstance(ckpt, dict) or any(key not in ckpt for key in _REQUIRED):
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path}: not a dfineseg checkpoint (found {keys}, expected keys {list(_REQUIRED)}). "
+            "An official D-FINE .pth goes in model.weights="
+        )
+    return migrate(ckpt, str(path))
+
+
+def config_from_checkpoint(ckpt: dict[str, Any]) -> Any:
+    """The run's resolved Config, with paths that only existed on the training machine dropped."""
+    from dfineseg.config import build_config
+
+    raw = copy.deepcopy(ckpt["config"])
+    data = raw.setdefault("data", {})
+    if data.get("path") and not Path(data["path"]).expanduser().exists():
+        data["path"] = None
+    model = raw.setdefault("model", {})
+    # The weights are in the checkpoint itself; never reload the starting weights.
+    model["weights"] = None
+    model["backbone_weights"] = None
+    train = raw.setdefault("train", {})
+    train["resume"] = None
+    return build_config(raw, "checkpoint config")
+
+
+def load_model_from_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", prefer_ema: bool = True
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model from the file alone (size, task, classes from its config); EMA weights first."""
+    from dfineseg.model.dfine import build_model
+
+    ckpt = load_checkpoint(path)
+    cfg = config_from_checkpoint(ckpt)
+    model = build_model(cfg.model, len(ckpt["names"]))
+    use_ema = prefer_ema and ckpt.get("ema") is not None
+    state = ckpt["ema"] if use_ema else ckpt["model"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Size-dependent caches (decoder anchors) may be absent or rebuilt; anything else is a real mismatch.
+    real_missing = [k for k in missing if not k.endswith(("anchors", "valid_mask"))]
+    if real_missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit the model built from its config "
+            f"(missing {real_missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    model.to(device).eval()
+    info = {
+        "config": cfg,
+        "names": list(ckpt["names"]),
+        "category_ids": list(ckpt.get("category_ids") or range(len(ckpt["names"]))),
+        "task": cfg.model.task,
+        "imgsz": tuple(cfg.data.imgsz),
+        "resize": cfg.data.resize,
+        "conf": cfg.eval.conf,
+        "epoch": ckpt.get("epoch"),
+        "step": ckpt.get("step"),
+        "metrics": ckpt.get("metrics") or {},
+        "ema": use_ema,
+        "schema_version": ckpt["schema_version"],
+        "dfineseg_version": ckpt.get("dfineseg_version"),
+    }
+    return model, info

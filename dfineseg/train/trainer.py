@@ -1,0 +1,655 @@
+"""The training loop: data -> model -> criterion -> AdamW, with EMA, AMP, accumulation, validation each
+epoch through the evaluation core, atomic checkpoints, exact resume, time budgets and DDP.
+
+Order of events inside one optimizer step (the resume contract depends on it): `accumulate` micro-batches
+(forward, fp32 loss, backward), then unscale + clip, optimizer step, schedule step, EMA update. A
+checkpoint is written only at a step boundary, with the number of batches consumed in the epoch, so a
+resume skips exactly those batches of the same seeded permutation and restores every RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dfineseg.infer.errors import UserError
+from dfineseg.train import distributed as D
+from dfineseg.train.checkpoint import (
+    CHECKPOINT_SCHEMA,
+    CheckpointError,
+    capture_rng,
+    config_from_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from dfineseg.train.ema import ModelEMA, unwrap
+from dfineseg.train.optim import LRSchedule, build_optimizer
+from dfineseg.train.results import ResultsLog, save_prediction_images
+from dfineseg.train.sampler import ResumableBatchSampler
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """Too many consecutive non-finite losses; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------- small helpers
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def increment_run_dir(project: str | Path, name: str, exist_ok: bool) -> Path:
+    """runs/exp, then runs/exp2, runs/exp3 ... unless exist_ok reuses the folder."""
+    base = Path(project) / name
+    if exist_ok or not base.exists():
+        return base
+    n = 2
+    while (Path(project) / f"{name}{n}").exists():
+        n += 1
+    return Path(project) / f"{name}{n}"
+
+
+def targets_to(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+            for t in targets]
+
+
+def split_losses(result: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Criterion output (a dict of weighted `loss_*` terms plus counters) -> (total, the dict)."""
+    from dfineseg.loss.criterion import total_loss
+
+    if not isinstance(result, dict):
+        raise TypeError(f"criterion returned {type(result).__name__}; expected a dict of losses")
+    return total_loss(result), result
+
+
+def memory_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
+    # Peak resident memory of this process (ru_maxrss is KiB on Linux).
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}G"
+
+
+def default_best_metric(name: str, task: str) -> str:
+    if task == "detect" and name.startswith("mask_"):
+        return "box_" + name[len("mask_"):]
+    return name
+
+
+# ---------------------------------------------------------------- the trainer
+class Trainer:
+    """`Trainer(cfg).fit()` -> Path of best.pt. `cfg.train.resume=runs/x/last.pt` continues that run."""
+
+    def __init__(self, cfg: Any, criterion_hook: Any = None) -> None:
+        self.dist = D.init_distributed(cfg.train.device)
+        self.resume_ckpt: dict[str, Any] | None = None
+        if cfg.train.resume:
+            self.resume_ckpt = load_checkpoint(cfg.train.resume)
+            if self.resume_ckpt.get("optimizer") is None:
+                raise CheckpointError(f"{cfg.train.resume}: holds no optimizer state (best.pt); resume from last.pt")
+            cfg = self._resume_config(cfg, self.resume_ckpt)
+        self.cfg = cfg
+        self.tcfg = cfg.train
+        self.device = self.dist.device
+        # A test may wrap the criterion (e.g. to inject a NaN); users never need this.
+        self.criterion_hook = criterion_hook
+        self.stop_reason = ""
+
+    @staticmethod
+    def _resume_config(cfg: Any, ckpt: dict[str, Any]) -> Any:
+        """The checkpoint's own config; only the machine-dependent keys (device, workers) come from `cfg`."""
+        from dfineseg.config import build_config
+
+        saved = config_from_checkpoint(ckpt).to_dict()
+        saved["train"]["device"] = cfg.train.device
+        saved["data"]["workers"] = cfg.data.workers
+        saved["train"]["resume"] = cfg.train.resume
+        saved["data"]["path"] = ckpt["config"]["data"].get("path")
+        if saved["data"]["path"] is None or not Path(saved["data"]["path"]).exists():
+            if cfg.data.path is None:
+                raise UserError(
+                    f"{cfg.train.resume}: the run's dataset {ckpt['config']['data'].get('path')} is gone; "
+                    "pass data=PATH to resume on its new location"
+                )
+            saved["data"]["path"] = cfg.data.path
+        return build_config(saved, f"config of {cfg.train.resume}")
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        from dfineseg.data import load_index
+        from dfineseg.data.dataset import SegmentationDataset
+        from dfineseg.loss.criterion import build_criterion
+        from dfineseg.model.dfine import build_model
+
+        cfg, tcfg = self.cfg, self.tcfg
+        if cfg.data.path is None:
+            raise UserError("training needs data=PATH (a data.yaml, a COCO json or a COCO folder)")
+        seed_everything(tcfg.seed + self.dist.rank, tcfg.deterministic)
+        # Absolute, so the run's config.yaml and checkpoints (and a resume from another folder) find it.
+        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+        self.train_index = load_index(cfg.data.path, cfg.data.train_split)
+        self.val_index = load_index(cfg.data.path, cfg.data.val_split)
+        self.names = list(self.train_index.names)
+        self.category_ids = list(self.train_index.category_ids)
+        num_classes = len(self.names)
+        if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
+            raise UserError(
+                f"model.num_classes={cfg.model.num_classes} but {cfg.data.path} has {num_classes} classes; "
+                "drop model.num_classes (it defaults to the dataset's)"
+            )
+        self.task = cfg.model.task
+        self.best_metric = default_best_metric(tcfg.best_metric, self.task)
+
+        # Augmentation randomness is drawn per item from (seed, epoch, index) inside the dataset, so it is
+        # the same with any number of workers and after a resume.
+        self.train_set = SegmentationDataset(self.train_index, cfg.data.imgsz, True, cfg.data.augment, cfg.data.resize,
+                                             seed=tcfg.seed, epochs=tcfg.epochs)
+        self.sampler = ResumableBatchSampler(
+            len(self.train_set), tcfg.batch, seed=tcfg.seed, shuffle=True,
+            rank=self.dist.rank, world_size=self.dist.world_size, imgsz=tuple(cfg.data.imgsz),
+            size_for=self._multiscale_sizer(),
+        )
+
+        model = build_model(cfg.model, num_classes)
+        if self.resume_ckpt is None:
+            for start in (cfg.model.backbone_weights, cfg.model.weights):
+                if start:
+                    self._load_start_weights(model, start)
+        self.model = model.to(self.device)
+        self.criterion = build_criterion(cfg.loss, num_classes, self.task)
+        if hasattr(self.criterion, "to"):
+            self.criterion = self.criterion.to(self.device)
+        size = cfg.model.size
+        self.optimizer = build_optimizer(self.model, tcfg, size)
+        self.steps_per_epoch = max(1, math.ceil(self.sampler.batches_per_epoch() / tcfg.accumulate))
+        self.total_epochs = tcfg.epochs
+        self.schedule = LRSchedule(self.optimizer, tcfg, self.total_epochs * self.steps_per_epoch)
+        self.ema = ModelEMA(self.model, tcfg.ema_decay, tcfg.ema_warmup, horizon=tcfg.ema_horizon,
+                            total_steps=self.schedule.total_steps) if tcfg.ema else None
+        self.use_amp = bool(tcfg.amp and self.device.type == "cuda")
+        self.amp_dtype = (
+            torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        )
+        # fp16 needs loss scaling; bf16 has fp32's range and does not.
+        self.scaler = torch.amp.GradScaler(
+            "cuda" if self.device.type == "cuda" else "cpu",
+            enabled=self.use_amp and self.amp_dtype == torch.float16,
+        )
+        if self.dist.enabled:
+            self.ddp_model: nn.Module = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # Some heads (denoising embeddings, encoder aux) see no gradient on some steps.
+                find_unused_parameters=True,
+            )
+        else:
+            self.ddp_model = self.model
+
+        # Bookkeeping restored on resume.
+        self.epoch = 0
+        self.epoch_batch = 0
+        self.step = 0
+        self.best_fitness: float | None = None
+        self.best_epoch = -1
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self.elapsed_before = 0.0
+        self.epoch_times: list[float] = []
+        self.last_metrics: dict[str, float] = {}
+        if self.resume_ckpt is not None:
+            self.run_dir = Path(self.tcfg.resume).resolve().parent
+            self._restore(self.resume_ckpt)
+        else:
+            # Rank 0 picks the folder (runs/exp2 ...) so every rank names the same one.
+            self.run_dir = Path(D.broadcast_object(str(increment_run_dir(tcfg.project, tcfg.name, tcfg.exist_ok).resolve())))
+        self.is_main = self.dist.is_main
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.run_dir / "config.yaml")
+            self.log = ResultsLog(self.run_dir, tensorboard=tcfg.tensorboard)
+            self._last_plot = 0.0
+            if self.resume_ckpt is not None:
+                # results.csv rows are 1-based epochs; keep those finished before the checkpoint.
+                self.log.load_existing(self.epoch)
+        D.barrier()
+
+    def _multiscale_sizer(self):
+        """Per-batch input size for multi-scale training (data.augment.multiscale), None when it is off."""
+        from dfineseg.data.dataset import MultiScaleBatchSampler
+
+        ms = self.cfg.data.augment.multiscale
+        if ms.p <= 0:
+            return None
+        # The dataset module's size rule (sizes from (seed, epoch, batch number)), applied to our batches.
+        rule = MultiScaleBatchSampler([], self.tcfg.batch, self.cfg.data.imgsz, p=ms.p, min_frac=ms.min_frac,
+                                      max_frac=ms.max_frac, seed=self.tcfg.seed, off_epoch=ms.off_epoch)
+
+        def size_for(epoch: int, batch_no: int) -> tuple[int, int]:
+            rule.epoch = epoch
+            return rule._size(batch_no)
+
+        return size_for
+
+    def _load_start_weights(self, model: nn.Module, path: str) -> None:
+        """Starting weights by config: an official D-FINE .pth, an HGNetv2 ImageNet backbone, or a dfineseg
+        checkpoint (EMA preferred); with another class count only class-dependent tensors stay fresh."""
+        from dfineseg.model.weights import WeightsError, load_weights
+
+        try:
+            report = load_weights(model, path)
+        except (WeightsError, FileNotFoundError) as exc:
+            raise UserError(f"model weights {path}: {exc}") from None
+        if self.dist.is_main:
+            note = f"; re-initialised {len(report.reinitialised)} class-dependent tensors" if report.reinitialised else ""
+            print(f"start weights {path} ({report.kind}, {report.source}): loaded {report.loaded} tensors{note}",
+                  file=sys.stderr)
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"], ckpt.get("ema_updates", 0))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None:
+            self.ema.total_steps = self.schedule.total_steps
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch = int(ckpt["epoch"])
+        self.epoch_batch = int(ckpt.get("epoch_batch", 0))
+        self.step = int(ckpt["step"])
+        self.best_fitness = ckpt.get("best_fitness")
+        self.best_epoch = int(ckpt.get("best_epoch", -1))
+        self.nonfinite_total = int(ckpt.get("nonfinite_steps", 0))
+        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        self.epoch_times = list(ckpt.get("epoch_times", []))
+        self.total_epochs = int(ckpt.get("total_epochs", self.total_epochs))
+        self.last_metrics = dict(ckpt.get("metrics") or {})
+        if self.epoch_batch >= self.sampler.batches_per_epoch():
+            self.epoch, self.epoch_batch = self.epoch + 1, 0
+        rng = ckpt.get("rng")
+        if rng is not None:
+            # Each rank saved no RNG of its own (rank 0 writes); ranks > 0 re-seed from the step.
+            if self.dist.rank == 0:
+                restore_rng(rng)
+            else:
+                seed_everything(self.tcfg.seed + self.dist.rank + 7919 * self.step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, with_optimizer: bool = True) -> dict[str, Any]:
+        return {
+            "schema_version": CHECKPOINT_SCHEMA,
+            "config": self.cfg.to_dict(),
+            "names": self.names,
+            "category_ids": self.category_ids,
+            "model": unwrap(self.model).state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema_updates": self.ema.updates if self.ema is not None else 0,
+            "optimizer": self.optimizer.state_dict() if with_optimizer else None,
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if with_optimizer else None,
+            "epoch": self.epoch,
+            "epoch_batch": self.epoch_batch,
+            "step": self.step,
+            "total_epochs": self.total_epochs,
+            "rng": capture_rng(),
+            "metrics": self.last_metrics,
+            "best_fitness": self.best_fitness,
+            "best_epoch": self.best_epoch,
+            "nonfinite_steps": self.nonfinite_total,
+            "elapsed_s": self._elapsed(),
+            "epoch_times": self.epoch_times,
+        }
+
+    def save_last(self) -> None:
+        if self.is_main:
+            save_checkpoint(self._checkpoint(), self.run_dir / "last.pt")
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self._t_start)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> Path:
+        self._t_start = time.perf_counter()
+        try:
+            self._setup()
+            self._t_start = time.perf_counter()
+            self._loop()
+            return self.run_dir / "best.pt"
+        finally:
+            if getattr(self, "is_main", False) and hasattr(self, "log"):
+                self.log.close()
+            D.cleanup()
+
+    def _budget_s(self) -> float | None:
+        return self.tcfg.time * 60.0 if self.tcfg.time else None
+
+    def _refit_to_budget(self) -> None:
+        """`time=`: after each epoch, set the total epochs so the run ends inside the budget and refit the
+        schedule's length; rank 0 decides so every rank agrees."""
+        budget = self._budget_s()
+        if budget is None or not self.epoch_times:
+            return
+        recent = self.epoch_times[-3:]
+        per_epoch = sum(recent) / len(recent)
+        remaining = budget - self._elapsed() - self._final_val_s
+        total = self.epoch + 1 + max(0, int(remaining // max(per_epoch, 1e-6)))
+        total = D.broadcast_object(total)
+        if total != self.total_epochs:
+            self.total_epochs = total
+            self.schedule.set_total(self.total_epochs * self.steps_per_epoch)
+            if self.ema is not None:
+                self.ema.total_steps = self.schedule.total_steps
+
+    def _refit_from_steps(self, budget: float) -> None:
+        """`time=`: a first fit from the speed of the first optimizer steps, so even a budget shorter than
+        one epoch gets a schedule (warm-up, decay) that ends on time; epochs refine it afterwards."""
+        self._budget_fitted = True
+        done = self.step - self._first_step
+        per_step = max(self._elapsed() - self._elapsed_at_start, 1e-6) / done
+        remaining = max(0.0, budget - self._elapsed())
+        total_steps = self.step + int(remaining // per_step)
+        total = max(self.epoch + 1, math.ceil(total_steps / self.steps_per_epoch))
+        total = D.broadcast_object(total)
+        if total != self.total_epochs:
+            self.total_epochs = total
+            self.schedule.set_total(self.total_epochs * self.steps_per_epoch)
+            if self.ema is not None:
+                self.ema.total_steps = self.schedule.total_steps
+
+    def _loop(self) -> None:
+        tcfg = self.tcfg
+        budget = self._budget_s()
+        if budget is not None and self.resume_ckpt is None:
+            # Until the first epoch is measured, plan for the configured epochs (refit afterwards).
+            self.total_epochs = max(tcfg.epochs, 1)
+        self._final_val_s = 0.0
+        self._budget_fitted = self.resume_ckpt is not None
+        self._first_step, self._elapsed_at_start = self.step, self._elapsed()
+        stop = False
+        while self.epoch < self.total_epochs and not stop:
+            t_epoch = time.perf_counter()
+            stop = self._train_epoch()
+            finished_epoch = self.epoch_batch >= self.sampler.batches_per_epoch()
+            last_epoch = self.epoch + 1 >= self.total_epochs
+            if finished_epoch or stop:
+                metrics: dict[str, float] = {}
+                t_val = time.perf_counter()
+                if stop or last_epoch or (self.epoch + 1) % tcfg.val_every == 0:
+                    metrics = self.validate()
+                self._final_val_s = max(self._final_val_s, time.perf_counter() - t_val)
+                self.epoch_times.append(time.perf_counter() - t_epoch)
+                stop = self._end_epoch(metrics) or stop
+                if not stop:
+                    self._refit_to_budget()
+                    if budget is not None and D.broadcast_object(self._elapsed() >= budget):
+                        self.stop_reason = self.stop_reason or f"time budget of {tcfg.time} min reached"
+                        stop = True
+        self._finish()
+
+    def _micro_batches(self):
+        """(images, targets) of this epoch from batch `epoch_batch` on."""
+        from dfineseg.data.dataset import collate_fn
+
+        self.sampler.set_epoch(self.epoch, self.epoch_batch)
+        # Before the workers start (they copy the dataset), so augmentation switch-off epochs apply.
+        self.train_set.set_epoch(self.epoch, self.total_epochs)
+        # The loader's own generator (seeded per epoch) feeds worker seeds, so it never draws from the
+        # global RNG and the data order / augmentation seeds depend only on (seed, epoch).
+        gen = torch.Generator().manual_seed(self.tcfg.seed * 1000003 + self.epoch)
+        loader = torch.utils.data.DataLoader(
+            self.train_set,
+            batch_sampler=self.sampler,
+            collate_fn=collate_fn,
+            num_workers=self.cfg.data.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=gen,
+        )
+        return loader
+
+    def _forward_loss(self, images: torch.Tensor, targets: list[dict[str, Any]]):
+        ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.use_amp else contextlib.nullcontext()
+        with ctx:
+            outputs = self.ddp_model(images, targets)
+        # The criterion computes the loss in fp32 whatever the forward precision (D-FINE's recipe).
+        total, terms = split_losses(self.criterion(outputs, targets))
+        if self.criterion_hook is not None:
+            total, terms = self.criterion_hook(total, terms)
+        return total, terms
+
+    def _train_epoch(self) -> bool:
+        """One epoch (or its remainder after a resume). True if the run must stop now."""
+        from dfineseg.loss.criterion import aggregate_losses
+
+        tcfg = self.tcfg
+        self.ddp_model.train()
+        loader = self._micro_batches()
+        n_batches = self.sampler.batches_per_epoch()
+        sums: dict[str, float] = {}
+        count = 0
+        bar = None
+        if self.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_batches, initial=self.epoch_batch, desc=f"epoch {self.epoch + 1}/{self.total_epochs}",
+                       unit="it", dynamic_ncols=True, file=sys.stderr, leave=True, mininterval=1.0)
+        accum = tcfg.accumulate
+        budget = self._budget_s()
+        micro = 0
+        stop = False
+        self.optimizer.zero_grad(set_to_none=True)
+        for images, targets in loader:
+            images = images.to(self.device, non_blocking=True)
+            targets = targets_to(targets, self.device)
+            micro += 1
+            boundary = micro % accum == 0 or self.epoch_batch + 1 >= n_batches
+            sync = contextlib.nullcontext() if (boundary or not self.dist.enabled) else self.ddp_model.no_sync()
+            with sync:
+                total, terms = self._forward_loss(images, targets)
+                finite = D.all_true(bool(torch.isfinite(total).item()), self.device)
+                if finite:
+                    self.scaler.scale(total / accum).backward()
+            self.epoch_batch += 1
+            if not finite:
+                self._nonfinite("loss")
+                self.optimizer.zero_grad(set_to_none=True)
+                micro = 0
+            else:
+                self.nonfinite_run = 0 if boundary else self.nonfinite_run
+                for k, v in aggregate_losses(terms).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                if boundary:
+                    self._optimizer_step()
+                    micro = 0
+                    if budget is not None and not self._budget_fitted and self.step - self._first_step >= 2:
+                        self._refit_from_steps(budget)
+                    if tcfg.save_every_steps and self.step % tcfg.save_every_steps == 0:
+                        self.save_last()
+            if bar is not None:
+                shown = {k.replace("loss_", ""): f"{v / max(count, 1):.3g}" for k, v in sums.items()
+                         if k.startswith("loss")}
+                shown["mem"] = memory_text(self.device)
+                bar.set_postfix(shown, refresh=False)
+                bar.update(1)
+            # Every rank must leave the loop at the same batch: any rank over budget stops them all.
+            if budget is not None and boundary and not D.all_true(self._elapsed() < budget, self.device):
+                self.stop_reason = f"time budget of {tcfg.time} min reached"
+                stop = True
+                break
+        if bar is not None:
+            bar.close()
+        means = {k: v / max(count, 1) for k, v in sums.items()}
+        self.epoch_losses = D.reduce_mean_dict(means)
+        return D.broadcast_object(stop)
+
+    def _nonfinite(self, what: str) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        if self.is_main:
+            print(f"warning: non-finite {what} at step {self.step} (epoch {self.epoch + 1}); step skipped "
+                  f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)", file=sys.stderr)
+        if self.nonfinite_run >= self.tcfg.max_nonfinite:
+            raise TrainingDiverged(
+                f"training stopped: {self.nonfinite_run} consecutive non-finite losses at step {self.step} "
+                f"(epoch {self.epoch + 1}). The last good checkpoint is kept in {self.run_dir / 'last.pt'}. "
+                "Lower the learning rate (train.lr), keep gradient clipping on (train.clip_grad), or check the "
+                "dataset for degenerate boxes (dfineseg data check)."
+            )
+
+    def _optimizer_step(self) -> None:
+        tcfg = self.tcfg
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if tcfg.clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(params, tcfg.clip_grad)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        if not self.scaler.is_enabled() and not torch.isfinite(norm):
+            # fp32: a non-finite gradient would poison the weights and the EMA; fp16's scaler skips on its own.
+            self.optimizer.zero_grad(set_to_none=True)
+            self._nonfinite("gradient")
+            return
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        self.step += 1
+        self.nonfinite_run = 0
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    # ------------------------------------------------------------------ validation and epoch end
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else unwrap(self.model)
+
+    def validate(self, out_dir: Path | None = None, model: nn.Module | None = None) -> dict[str, float]:
+        """Rank 0 scores the EMA (or raw) model on the val split with the evaluation core; the other ranks
+        wait. Returns the flat scalar metrics."""
+        metrics: dict[str, float] = {}
+        if self.is_main:
+            from dfineseg.val import headline_metrics, predict_index, torch_predictor
+
+            net = model if model is not None else self.eval_model()
+            was_training = net.training
+            predict = torch_predictor(
+                net, self.cfg.data.imgsz, self.cfg.data.resize, conf=self.cfg.eval.map_conf, device=self.device,
+                topk=self.cfg.eval.max_det, nms_iou=self.cfg.eval.nms_iou,
+            )
+            with torch.no_grad():
+                preds = predict_index(self.val_index, predict, batch=self.cfg.eval.batch)
+            net.train(was_training)
+            raw = self._evaluate(preds, out_dir)
+            metrics = headline_metrics(raw)
+            self._last_val_preds = preds
+        D.barrier()
+        return D.broadcast_object(metrics)
+
+    def _evaluate(self, preds: list[Any], out_dir: Path | None) -> dict[str, Any]:
+        from dfineseg.evaluate import evaluate
+
+        e = self.cfg.eval
+        return evaluate(self.val_index, preds, self.task, e.conf, out_dir, plots=e.plots, map_conf=e.map_conf,
+                        iou_thr=e.iou, class_conf=e.class_conf, max_det=e.max_det)
+
+    def _fitness(self, metrics: dict[str, float]) -> float | None:
+        if not metrics:
+            return None
+        if self.best_metric not in metrics:
+            raise UserError(
+                f"train.best_metric='{self.tcfg.best_metric}' is not a validation metric; choose one of "
+                f"{sorted(metrics)}"
+            )
+        return float(metrics[self.best_metric])
+
+    def _end_epoch(self, metrics: dict[str, float]) -> bool:
+        """Log, save last/best, early stopping. True to stop."""
+        stop = False
+        if metrics:
+            self.last_metrics = metrics
+        fitness = self._fitness(metrics)
+        improved = fitness is not None and (self.best_fitness is None or fitness > self.best_fitness)
+        if improved:
+            self.best_fitness, self.best_epoch = fitness, self.epoch
+        finished_epoch = self.epoch_batch >= self.sampler.batches_per_epoch()
+        done_epoch = self.epoch
+        if finished_epoch:
+            self.epoch, self.epoch_batch = self.epoch + 1, 0
+        if self.is_main:
+            row: dict[str, Any] = {"epoch": done_epoch + 1, "step": self.step, "time_s": round(self._elapsed(), 1)}
+            row.update({f"train/{k}": v for k, v in getattr(self, "epoch_losses", {}).items()})
+            for group in self.optimizer.param_groups:
+                row[f"lr/{group.get('name', 'group')}"] = group["lr"]
+            row.update({f"val/{k}": v for k, v in metrics.items()})
+            if self.nonfinite_total:
+                row["nonfinite_steps"] = self.nonfinite_total
+            self.log.add(row)
+            # The plot is redrawn at most every 2 minutes (and at the end): on a small CPU it costs seconds.
+            if time.perf_counter() - self._last_plot > 120:
+                self.log.plot()
+                self._last_plot = time.perf_counter()
+            if not finished_epoch or self.epoch % self.tcfg.save_every_epochs == 0 or self.epoch >= self.total_epochs:
+                self.save_last()
+            if improved or not (self.run_dir / "best.pt").exists():
+                save_checkpoint(self._checkpoint(with_optimizer=False), self.run_dir / "best.pt")
+                if self.tcfg.plot_images and getattr(self, "_last_val_preds", None) is not None:
+                    n = self.tcfg.plot_images
+                    save_prediction_images(self.val_index.images[:n], self._last_val_preds[:n], self.names, self.run_dir)
+            if metrics:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in _SHOWN)
+                print(f"epoch {done_epoch + 1}: {shown or self.best_metric} (best {self.best_metric} "
+                      f"{self.best_fitness:.4f} at epoch {self.best_epoch + 1})", file=sys.stderr)
+        if self.tcfg.patience and fitness is not None and self.epoch - 1 - self.best_epoch >= self.tcfg.patience:
+            self.stop_reason = f"early stopping: no improvement in {self.tcfg.patience} epochs"
+            stop = True
+        return D.broadcast_object(stop)
+
+    def _finish(self) -> None:
+        if self.is_main:
+            if self.tcfg.save_every_epochs > 1:
+                self.save_last()  # the final state, whatever the save period
+            best = self.run_dir / "best.pt"
+            if not best.exists():
+                save_checkpoint(self._checkpoint(with_optimizer=False), best)
+            self.log.plot()
+            reason = self.stop_reason or f"{self.epoch} epochs completed"
+            print(f"training finished ({reason}) in {self._elapsed() / 60:.1f} min; best {self.best_metric} "
+                  f"{self.best_fitness if self.best_fitness is not None else float('nan'):.4f} -> {best}",
+                  file=sys.stderr)
+            self._final_report(best)
+        D.barrier()
+
+    def _final_report(self, best: Path) -> None:
+        """The best weights once more through the full evaluation (plots, metrics.json) into run_dir/val."""
+        from dfineseg.train.checkpoint import load_model_from_checkpoint
+
+        model, _ = load_model_from_checkpoint(best, device=self.device)
+        from dfineseg.val import headline_metrics, predict_index, torch_predictor
+
+        predict = torch_predictor(model, self.cfg.data.imgsz, self.cfg.data.resize, conf=self.cfg.eval.map_conf,
+                                  device=self.device, topk=self.cfg.eval.max_det, nms_iou=self.cfg.eval.nms_iou)
+        with torch.no_grad():
+            preds = predict_index(self.val_index, predict, batch=self.cfg.eval.batch)
+        raw = self._evaluate(preds, self.run_dir / "val")
+        self.final_metrics = headline_metrics(raw)
+        from dfineseg.val import print_summary
+
+        print_summary(raw, file=sys.stderr)
+
+
+_SHOWN = {"mask_f1", "box_f1", "mask_map50_95", "box_map50_95", "best_f1"}

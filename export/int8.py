@@ -1,0 +1,210 @@
+"""OpenVINO INT8 through NNCF, with accuracy control on the paper's F1 when a validation set exists.
+
+The precision-sensitive tail of D-FINE stays in float from the start (ignored scope): the softmax over
+the distribution bins and its integral (a MatMul with the bin positions, which INT8 would snap to a
+few levels), the box heads and box decoding, the localisation-quality head, and top-K. Accuracy
+control (`nncf.quantize_with_accuracy_control`) then reverts further layers until the F1 drop is at
+most `max_drop`. Without ground truth, plain `nncf.quantize` on the calibration images is used and
+the result says that accuracy was not controlled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dfineseg.export.errors import ExportBackendUnavailable, ExportError
+from dfineseg.export.meta import write_openvino_metadata
+from dfineseg.export.openvino_export import PARITY_PRECISION_HINT, compiled_forward, import_openvino
+from dfineseg.export.parity import ParityData, detections_for, f1_of
+from dfineseg.infer.postprocess import postprocess
+from dfineseg.infer.preprocess import preprocess
+from dfineseg.utils.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+# Regular expressions over OpenVINO operation names (they carry the torch module path of the export).
+PRECISION_SENSITIVE = (
+    r".*/decoder/Softmax(_\d+)?(/.*|_output.*)?$",  # distribution softmax
+    r".*/decoder/MatMul(_\d+)?(/.*|_output.*)?$",  # its integral over the bin positions
+    r".*/decoder/(dec|pre|enc)_bbox_head.*",  # box regression heads
+    r".*/decoder/lqe_layers.*",  # localisation-quality estimate (top-k of the distribution)
+    r".*TopK.*",
+)
+
+
+@dataclass
+class Int8Result:
+    xml: Path
+    accuracy_controlled: bool
+    note: str
+    float_f1: float | None
+    int8_f1: float | None
+    f1_drop: float | None
+    max_drop: float
+    calibration_images: int
+    validation_images: int
+    ignored_operations: list[str] = field(default_factory=list)
+    precision_hint: str = PARITY_PRECISION_HINT
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["xml"] = str(self.xml)
+        return d
+
+
+def import_nncf() -> Any:
+    try:
+        import nncf
+    except ImportError as exc:
+        raise ExportBackendUnavailable(f'INT8 export needs NNCF: pip install "dfineseg[quantize]" ({exc})') from None
+    return nncf
+
+
+def sensitive_operations(model: Any, patterns: Sequence[str] = PRECISION_SENSITIVE) -> list[str]:
+    compiled = [re.compile(p) for p in patterns]
+    return sorted(op.get_friendly_name() for op in model.get_ops() if any(c.match(op.get_friendly_name()) for c in compiled))
+
+
+def _chunks(items: Sequence[Any], n: int) -> list[list[Any]]:
+    return [list(items[i : i + n]) for i in range(0, len(items), n)]
+
+
+def _static_batch(model: Any) -> int | None:
+    dim = model.inputs[0].get_partial_shape()[0]
+    return dim.get_length() if dim.is_static else None
+
+
+def _pad(images: list[np.ndarray], n: int) -> list[np.ndarray]:
+    return images + [images[-1]] * (n - len(images))
+
+
+def quantize_int8(
+    fp32_xml: Path,
+    out_dir: Path,
+    *,
+    calibration_images: Sequence[np.ndarray],
+    data: ParityData,
+    max_drop: float,
+    metadata: dict[str, str],
+    max_iterations: int | None = None,
+) -> Int8Result:
+    """Quantise the FP32 IR at `fp32_xml` into `out_dir/model.xml`; accuracy-controlled when `data` has GT."""
+    ov = import_openvino()
+    nncf = import_nncf()
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    t0 = time.perf_counter()
+    core = ov.Core()
+    model = core.read_model(str(fp32_xml))
+    fixed = _static_batch(model)
+    step = fixed or 1
+    imgsz, resize = data.imgsz, data.resize
+
+    def to_input(chunk: list[np.ndarray]) -> np.ndarray:
+        return preprocess(_pad(chunk, step), imgsz, resize)[0]
+
+    calibration = nncf.Dataset(_chunks(list(calibration_images), step), to_input)
+    ignored = sensitive_operations(model)
+    ignored_scope = nncf.IgnoredScope(names=ignored, validate=False) if ignored else None
+
+    float_f1 = None
+    controlled = data.ground_truth is not None
+    note = ""
+    if controlled:
+        float_f1 = _f1_of_model(model, data)
+        if float_f1 <= 0.0:
+            controlled = False
+            note = (
+                "accuracy was NOT controlled: the float model's F1 on the validation set is 0, and "
+                "accuracy control needs a metric that is not 0 for the float model"
+            )
+    else:
+        note = "accuracy was NOT controlled: no validation set with ground truth (calibrated on generated images)"
+
+    try:
+        if controlled:
+            items = list(zip(_chunks(data.images, step), _chunks(list(data.ground_truth), step)))
+            validation = nncf.Dataset(items, lambda item: to_input(item[0]))
+
+            def validate(compiled: Any, batch_items: Any) -> tuple[float, list[float]]:
+                forward = compiled_forward(compiled)
+                per_item: list[float] = []
+                dets_all: list[Any] = []
+                gts_all: list[Any] = []
+                for images, gts in batch_items:
+                    batch, metas = preprocess(_pad(list(images), step), imgsz, resize)
+                    dets = postprocess(forward(batch), metas, conf=data.conf)[: len(images)]
+                    dets_all.extend(dets)
+                    gts_all.extend(gts)
+                    per_item.append(_f1(dets, list(gts), data))
+                return _f1(dets_all, gts_all, data), per_item
+
+            restorer = AdvancedAccuracyRestorerParameters(
+                max_num_iterations=max_iterations if max_iterations is not None else AdvancedAccuracyRestorerParameters().max_num_iterations
+            )
+            quantized = nncf.quantize_with_accuracy_control(
+                model,
+                calibration_dataset=calibration,
+                validation_dataset=validation,
+                validation_fn=validate,
+                max_drop=max_drop,
+                drop_type=nncf.DropType.ABSOLUTE,
+                subset_size=max(1, len(calibration_images)),
+                ignored_scope=ignored_scope,
+                advanced_accuracy_restorer_parameters=restorer,
+            )
+            note = f"accuracy controlled by NNCF on {len(data.images)} validation images (max F1 drop {max_drop})"
+        else:
+            quantized = nncf.quantize(
+                model, calibration, subset_size=max(1, len(calibration_images)), ignored_scope=ignored_scope
+            )
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{fp32_xml}: NNCF INT8 quantisation failed: {type(exc).__name__}: {exc}") from exc
+
+    int8_f1 = _f1_of_model(quantized, data) if data.ground_truth is not None else None
+    write_openvino_metadata(quantized, {**metadata, "precision": "int8"})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    xml = out_dir / "model.xml"
+    ov.save_model(quantized, str(xml), compress_to_fp16=False)
+    result = Int8Result(
+        xml=xml,
+        accuracy_controlled=controlled,
+        note=note,
+        float_f1=float_f1,
+        int8_f1=int8_f1,
+        f1_drop=(float_f1 - int8_f1) if float_f1 is not None and int8_f1 is not None else None,
+        max_drop=max_drop,
+        calibration_images=len(calibration_images),
+        validation_images=len(data.images) if data.ground_truth is not None else 0,
+        ignored_operations=ignored,
+        seconds=time.perf_counter() - t0,
+    )
+    atomic_write_bytes(out_dir / "int8_accuracy.json", json.dumps(result.to_dict(), indent=2).encode())
+    return result
+
+
+def _f1(dets: Sequence[Any], gts: Sequence[Any], data: ParityData) -> float:
+    from dfineseg.infer.metrics import paper_metrics
+
+    return float(paper_metrics(list(dets), list(gts), data.task, conf=data.conf, iou_thr=data.iou_thr)["f1"])
+
+
+def _f1_of_model(model: Any, data: ParityData) -> float:
+    from dfineseg.export.openvino_export import compile_openvino
+
+    compiled = compile_openvino(model, PARITY_PRECISION_HINT)
+    fixed = _static_batch(model)
+    f1 = f1_of(detections_for(compiled_forward(compiled), data, fixed), data)
+    return float(f1["f1"]) if f1 else 0.0

@@ -1,0 +1,424 @@
+"""Parity: every exported artefact is run next to the PyTorch model and must agree with it.
+
+Checks, each reported with its measured value and its limit (a failure names the check and the margin):
+
+- ``raw``: before top-K. A twin graph of the same network (same exporter, same conversion to the
+  artefact's precision) outputs every query's class logits and cxcywh boxes, index for index; compared
+  as class probabilities (sigmoid of the logits, so that saturated background logits of -15 whose
+  FP16 spacing is 0.016 do not dominate; the logit difference is reported too) and boxes, max abs
+  difference. When that exceeds the tolerance, the encoder's own top-K may have ordered near-equal
+  candidates differently (FP16 does that): queries are then paired one-to-one and the K best PyTorch
+  queries with a score >= RELEVANT_SCORE must agree.
+- ``outputs``: the artefact's own top-K scores, sorted (order-free, so near-equal scores may swap),
+  max abs difference against PyTorch's.
+- ``detections``: both outputs post-processed by `dfineseg.infer.postprocess` at the evaluation
+  threshold; detections matched one-to-one (same class, greedy by box IoU) must have box IoU >= 0.99
+  and mask IoU >= 0.95. A detection present on one side only counts as a failure unless its score is
+  within the raw tolerance of the threshold (it may legitimately fall on either side).
+- ``dynamic_batch``: for a dynamic-batch artefact, a batch of up to 3 images equals the images one by one.
+- ``f1``: the paper's F1 (mask F1 for segmentation) on the validation set, PyTorch vs artefact.
+
+Tolerances per precision are in `TOLERANCES`; INT8 is judged by the F1 drop only (its raw outputs
+differ by design), the other numbers are reported for it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dfineseg.export.errors import ParityError
+from dfineseg.infer.boxes import box_iou
+from dfineseg.infer.detections import Detections
+from dfineseg.infer.postprocess import postprocess
+from dfineseg.infer.preprocess import preprocess
+from dfineseg.utils.io import atomic_write_bytes
+
+Forward = Callable[[np.ndarray], dict[str, np.ndarray]]
+RAW_NAMES = ("logits", "boxes_cxcywh")
+BOX_IOU_MIN = 0.99
+MASK_IOU_MIN = 0.95
+RELEVANT_SCORE = 0.01
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    raw: float | None  # max abs difference before top-K / of sorted scores; None: reported, not judged
+    f1: float  # allowed F1 change (absolute for fp32/fp16, a drop for int8)
+    geometry: bool = True  # judge the matched detections (box/mask IoU)
+    one_sided_f1: bool = False  # only a drop counts (int8: an F1 gain is no failure)
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(raw=1e-4, f1=0.001),
+    "fp16": Tolerance(raw=1e-2, f1=0.003),
+}
+
+
+def int8_tolerance(max_drop: float) -> Tolerance:
+    return Tolerance(raw=None, f1=max_drop, geometry=False, one_sided_f1=True)
+
+
+@dataclass
+class ParityData:
+    """The images parity runs on: validation images with ground truth, or generated ones without."""
+
+    images: list[np.ndarray]
+    ground_truth: list[Any] | None
+    source: str
+    imgsz: tuple[int, int]
+    resize: str
+    task: str
+    conf: float
+    iou_thr: float = 0.5
+    n_raw: int = 8  # images used for the raw/outputs/detections checks (the F1 check uses all)
+    batch: int = 4
+
+    @property
+    def raw_images(self) -> list[np.ndarray]:
+        return self.images[: self.n_raw]
+
+
+@dataclass
+class Check:
+    name: str
+    value: float | None
+    limit: float | None
+    passed: bool
+    judged: bool = True
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.value is None:
+            return f"{self.name}: {self.detail}"
+        return f"{self.name} = {self.value:.6g} (limit {self.limit:.6g}) {self.detail or ''}".rstrip()
+
+
+# ------------------------------------------------------------------------------------------ running
+def run_batched(forward: Forward, batch: np.ndarray, fixed_batch: int | None) -> dict[str, np.ndarray]:
+    """`forward` over `batch`, in slices of the artefact's fixed batch (the last one padded by repetition)."""
+    if fixed_batch is None or fixed_batch == len(batch):
+        return forward(batch)
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, len(batch), fixed_batch):
+        chunk = batch[start : start + fixed_batch]
+        n = len(chunk)
+        if n < fixed_batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed_batch - n, axis=0)])
+        out = forward(chunk)
+        parts.append({k: v[:n] for k, v in out.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def iter_outputs(
+    forward: Forward, images: Sequence[np.ndarray], data: ParityData, fixed_batch: int | None
+) -> Iterator[tuple[dict[str, np.ndarray], list[Any]]]:
+    step = fixed_batch or data.batch
+    for start in range(0, len(images), step):
+        batch, metas = preprocess(list(images[start : start + step]), data.imgsz, data.resize)
+        yield run_batched(forward, batch, fixed_batch), metas
+
+
+def collect_outputs(forward: Forward, images: Sequence[np.ndarray], data: ParityData, fixed_batch: int | None):
+    outs, metas = [], []
+    for out, m in iter_outputs(forward, images, data, fixed_batch):
+        outs.append(out)
+        metas.extend(m)
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}, metas
+
+
+def detections_for(forward: Forward, data: ParityData, fixed_batch: int | None, images=None) -> list[Detections]:
+    dets: list[Detections] = []
+    for out, metas in iter_outputs(forward, data.images if images is None else images, data, fixed_batch):
+        dets.extend(postprocess(out, metas, conf=data.conf))
+    return dets
+
+
+@dataclass
+class Reference:
+    """PyTorch's answers, computed once per export run and shared by every artefact's parity."""
+
+    outputs: dict[str, np.ndarray]  # DeployModel outputs on data.raw_images
+    metas: list[Any]
+    raw: dict[str, np.ndarray] | None  # twin outputs (all queries) on data.raw_images
+    detections: list[Detections]  # on all images, at data.conf
+    f1: dict[str, float] | None
+    seconds: float
+
+
+def torch_forward(module: Any, names: Sequence[str]) -> Forward:
+    import torch
+
+    def forward(batch: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            outs = module(torch.from_numpy(batch))
+        return {n: o.detach().cpu().numpy() for n, o in zip(names, outs)}
+
+    return forward
+
+
+def f1_of(detections: Sequence[Detections], data: ParityData) -> dict[str, float] | None:
+    if data.ground_truth is None:
+        return None
+    from dfineseg.infer.metrics import paper_metrics
+
+    m = paper_metrics(detections, data.ground_truth, data.task, conf=data.conf, iou_thr=data.iou_thr)
+    return {k: float(v) for k, v in m.items()}
+
+
+def torch_reference(deploy: Any, raw_module: Any | None, data: ParityData, output_names: Sequence[str]) -> Reference:
+    t0 = time.perf_counter()
+    fwd = torch_forward(deploy, output_names)
+    outputs, metas = collect_outputs(fwd, data.raw_images, data, None)
+    raw = None
+    if raw_module is not None:
+        raw, _ = collect_outputs(torch_forward(raw_module, RAW_NAMES), data.raw_images, data, None)
+    dets = detections_for(fwd, data, None)
+    return Reference(outputs, metas, raw, dets, f1_of(dets, data), time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------ checks
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+
+
+def check_raw(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: Tolerance, topk: int) -> Check:
+    prob_diff = float(np.abs(_sigmoid(ref["logits"]) - _sigmoid(got["logits"])).max())
+    box_diff = float(np.abs(ref["boxes_cxcywh"].astype(np.float64) - got["boxes_cxcywh"]).max())
+    logit_diff = float(np.abs(ref["logits"].astype(np.float64) - got["logits"]).max())
+    value = max(prob_diff, box_diff)
+    detail: dict[str, Any] = {"max_abs_prob": prob_diff, "max_abs_box": box_diff, "max_abs_logit": logit_diff}
+    if tol.raw is not None and value > tol.raw:
+        # The encoder picks its queries with its own top-K: near-equal candidates may be ordered
+        # differently, or swap at the selection boundary, when the arithmetic is FP16. Queries are then
+        # paired one-to-one (Hungarian on the max abs difference) and the K best PyTorch queries - the
+        # ones the exported top-K can output - must agree, unless their score is below RELEVANT_SCORE
+        # (no threshold anyone uses keeps them; boundary swaps land there).
+        matched_all, matched_top = _matched_raw_diff(ref, got, topk)
+        detail.update({"matched_max_abs_all_queries": matched_all, "matched_max_abs_top_k": matched_top, "top_k": topk})
+        value = matched_top
+    return Check("raw", value, tol.raw, tol.raw is None or value <= tol.raw, tol.raw is not None, detail)
+
+
+def _matched_raw_diff(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], topk: int) -> tuple[float, float]:
+    from scipy.optimize import linear_sum_assignment
+
+    worst_all = worst_top = 0.0
+    for b in range(ref["logits"].shape[0]):
+        pa = _sigmoid(ref["logits"][b])
+        a = np.concatenate([pa, ref["boxes_cxcywh"][b]], -1)
+        c = np.concatenate([_sigmoid(got["logits"][b]), got["boxes_cxcywh"][b]], -1)
+        cost = np.abs(a[:, None, :] - c[None, :, :]).max(-1)
+        rows, cols = linear_sum_assignment(cost)
+        pair_cost = cost[rows, cols]
+        score = pa.max(-1)
+        best = np.argsort(-score, kind="stable")[:topk]
+        best = best[score[best] >= RELEVANT_SCORE]
+        worst_all = max(worst_all, float(pair_cost.max()))
+        if len(best):
+            worst_top = max(worst_top, float(pair_cost[np.isin(rows, best)].max()))
+    return worst_all, worst_top
+
+
+def check_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: Tolerance) -> Check:
+    diff = float(np.abs(np.sort(ref["scores"], axis=1) - np.sort(got["scores"], axis=1)).max())
+    detail = {"max_abs_sorted_scores": diff}
+    for name in ("labels", "boxes", "mask_logits"):
+        if name in ref and name not in got:
+            return Check("outputs", None, tol.raw, False, True, {"missing_output": name})
+        if name in got and got[name].shape != ref[name].shape:
+            return Check("outputs", None, tol.raw, False, True, {f"{name}_shape": [list(ref[name].shape), list(got[name].shape)]})
+    if got["labels"].dtype != np.int64:
+        return Check("outputs", None, tol.raw, False, True, {"labels_dtype": str(got["labels"].dtype)})
+    return Check("outputs", diff, tol.raw, tol.raw is None or diff <= tol.raw, tol.raw is not None, detail)
+
+
+def match_detections(a: Detections, b: Detections) -> list[tuple[int, int, float]]:
+    """One-to-one greedy matching of same-class detections by descending box IoU (pairs with IoU > 0)."""
+    if not len(a.boxes) or not len(b.boxes):
+        return []
+    iou = box_iou(a.boxes.astype(np.float64), b.boxes.astype(np.float64))
+    iou[a.labels[:, None] != b.labels[None, :]] = -1.0
+    pairs = []
+    used_a, used_b = set(), set()
+    for flat in np.argsort(-iou, axis=None, kind="stable"):
+        i, j = divmod(int(flat), iou.shape[1])
+        if iou[i, j] <= 0:
+            break
+        if i in used_a or j in used_b:
+            continue
+        used_a.add(i)
+        used_b.add(j)
+        pairs.append((i, j, float(iou[i, j])))
+    return pairs
+
+
+def check_detections(ref: Sequence[Detections], got: Sequence[Detections], conf: float, tol: Tolerance) -> Check:
+    from dfineseg.infer.metrics import compact_mask_iou
+
+    score_tol = tol.raw if tol.raw is not None else 0.0
+    min_box: float | None = None
+    min_mask: float | None = None
+    n_ref = n_got = n_matched = bad_pairs = unmatched = borderline = 0
+    for a, b in zip(ref, got):
+        n_ref += len(a.boxes)
+        n_got += len(b.boxes)
+        pairs = match_detections(a, b)
+        n_matched += len(pairs)
+        for i, j, biou in pairs:
+            min_box = biou if min_box is None else min(min_box, biou)
+            miou = 1.0
+            if a.masks is not None and b.masks is not None:
+                miou = float(
+                    compact_mask_iou([a.masks[i]], a.mask_origins[i : i + 1], [b.masks[j]], b.mask_origins[j : j + 1])[0, 0]
+                )
+                min_mask = miou if min_mask is None else min(min_mask, miou)
+            if biou < BOX_IOU_MIN or miou < MASK_IOU_MIN:
+                bad_pairs += 1
+        matched_a = {i for i, _, _ in pairs}
+        matched_b = {j for _, j, _ in pairs}
+        for dets, matched in ((a, matched_a), (b, matched_b)):
+            for k in range(len(dets.boxes)):
+                if k in matched:
+                    continue
+                if abs(float(dets.scores[k]) - conf) <= score_tol:
+                    borderline += 1
+                else:
+                    unmatched += 1
+    passed = bad_pairs == 0 and unmatched == 0
+    detail = {
+        "torch_detections": n_ref,
+        "export_detections": n_got,
+        "matched": n_matched,
+        "min_box_iou": min_box,
+        "min_mask_iou": min_mask,
+        "pairs_below_iou": bad_pairs,
+        "unmatched": unmatched,
+        "borderline_unmatched": borderline,
+        "box_iou_min": BOX_IOU_MIN,
+        "mask_iou_min": MASK_IOU_MIN,
+        "conf": conf,
+    }
+    if n_ref == 0:
+        detail["note"] = "PyTorch made no detection above the threshold on these images: nothing to match"
+    return Check("detections", float(bad_pairs + unmatched), 0.0, passed or not tol.geometry, tol.geometry, detail)
+
+
+def check_dynamic_batch(forward: Forward, data: ParityData, tol: Tolerance) -> Check:
+    images = data.raw_images[:3]
+    batch, _ = preprocess(images, data.imgsz, data.resize)
+    together = forward(batch)
+    singles = [forward(batch[i : i + 1]) for i in range(len(batch))]
+    diff = 0.0
+    for name, value in together.items():
+        alone = np.concatenate([s[name] for s in singles])
+        diff = max(diff, float(np.abs(value.astype(np.float64) - alone).max()))
+    limit = tol.raw if tol.raw is not None else TOLERANCES["fp16"].raw
+    return Check("dynamic_batch", diff, limit, diff <= limit, True, {"batch": len(batch)})
+
+
+def check_f1(ref: dict[str, float] | None, got: dict[str, float] | None, tol: Tolerance) -> Check:
+    if ref is None or got is None:
+        return Check("f1", None, tol.f1, True, False, {"skipped": "no validation set with ground truth"})
+    change = got["f1"] - ref["f1"]
+    value = -change if tol.one_sided_f1 else abs(change)
+    detail = {"torch_f1": ref["f1"], "export_f1": got["f1"], "change": change}
+    return Check("f1", value, tol.f1, value <= tol.f1 + 1e-12, True, detail)
+
+
+# ------------------------------------------------------------------------------------------ driver
+@dataclass
+class ParityReport:
+    artefact: str
+    precision: str
+    runtime: dict[str, Any]
+    data_source: str
+    images: int
+    raw_images: int
+    checks: list[Check]
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+    def write(self, path: Path) -> None:
+        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=2, default=_json_default).encode())
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def report_path(artefact: Path) -> Path:
+    """`model.onnx` -> `model.onnx.parity.json`; an IR folder or its model.xml -> `<folder>/parity.json`."""
+    if artefact.is_dir():
+        return artefact / "parity.json"
+    if artefact.suffix == ".xml":
+        return artefact.parent / "parity.json"
+    return artefact.with_name(artefact.name + ".parity.json")
+
+
+def run_parity(
+    artefact: Path,
+    precision: str,
+    forward: Forward,
+    fixed_batch: int | None,
+    data: ParityData,
+    ref: Reference,
+    tol: Tolerance,
+    raw_forward: Forward | None = None,
+    runtime: dict[str, Any] | None = None,
+    raise_on_failure: bool = True,
+) -> ParityReport:
+    """Compare one artefact with the reference, write its report JSON, raise ParityError on failure."""
+    t0 = time.perf_counter()
+    checks: list[Check] = []
+    if raw_forward is not None and ref.raw is not None:
+        raw_got, _ = collect_outputs(raw_forward, data.raw_images, data, None)
+        checks.append(check_raw(ref.raw, raw_got, tol, int(ref.outputs["scores"].shape[1])))
+    else:
+        checks.append(Check("raw", None, tol.raw, True, False, {"skipped": "no pre-top-K twin graph for this artefact"}))
+    got, metas = collect_outputs(forward, data.raw_images, data, fixed_batch)
+    checks.append(check_outputs(ref.outputs, got, tol))
+    got_dets = detections_for(forward, data, fixed_batch)
+    n_raw = len(data.raw_images)
+    checks.append(check_detections(ref.detections[:n_raw], got_dets[:n_raw], data.conf, tol))
+    if fixed_batch is None and len(data.raw_images) > 1:
+        checks.append(check_dynamic_batch(forward, data, tol))
+    checks.append(check_f1(ref.f1, f1_of(got_dets, data), tol))
+    report = ParityReport(
+        artefact=str(artefact),
+        precision=precision,
+        runtime=runtime or {},
+        data_source=data.source,
+        images=len(data.images),
+        raw_images=n_raw,
+        checks=checks,
+        seconds=time.perf_counter() - t0,
+    )
+    report.write(report_path(artefact))
+    if raise_on_failure and not report.passed:
+        lines = "\n  ".join(c.describe() for c in report.failures())
+        raise ParityError(
+            f"{artefact}: parity with PyTorch failed ({precision}; report {report_path(artefact)}):\n  {lines}"
+        )
+    return report

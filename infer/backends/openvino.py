@@ -1,0 +1,206 @@
+"""OpenVINO backend: IR (.xml + .bin) on CPU/GPU/NPU/AUTO with explicit precision and performance hints.
+
+`precision=None` leaves the device's own choice, which is bf16 on CPUs with AVX512-BF16/AMX and f32
+elsewhere; `precision="f32"` pins full precision (what parity checks and FP32 measurements need).
+Either way the precision the compiled model really computes in is read back
+(`INFERENCE_PRECISION_HINT`) and reported, because a hint the device cannot honour (f16 on most x86
+CPUs) is silently replaced by f32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dfineseg.infer.backends import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    Backend,
+    BackendUnavailableError,
+    ModelFileError,
+    PredictorError,
+    RuntimeInfo,
+    import_runtime,
+)
+from dfineseg.infer.backends._common import input_hw_from
+
+_PRECISIONS = {"f32": "f32", "fp32": "f32", "f16": "f16", "fp16": "f16", "half": "f16", "bf16": "bf16"}
+_HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT", "cumulative_throughput": "CUMULATIVE_THROUGHPUT"}
+# rt_info sections searched for the dfineseg metadata, most specific first: the exporter's own section,
+# then the ONNX metadata_props that `openvino.convert_model` copies under "framework".
+_META_SECTIONS = ("model_info", "dfineseg", "framework")
+
+
+def _any_to_str(value: Any) -> str:
+    return value.astype(str) if hasattr(value, "astype") else str(value)
+
+
+def read_rt_metadata(model: Any) -> dict[str, str]:
+    """The flat dfineseg metadata map stored in an OpenVINO model's rt_info."""
+    info = model.get_rt_info()
+    found: dict[str, str] = {}
+    top = {k: info[k] for k in info.keys()}
+    for section in reversed(_META_SECTIONS):
+        nested = top.get(section)
+        if isinstance(nested, dict):
+            found.update({k: _any_to_str(v) for k, v in nested.items()})
+    # keys written at the top level (set_rt_info(value, key)) are also accepted
+    for key, value in top.items():
+        if key.startswith("dfineseg") or key in ("names", "category_ids", "imgsz", "resize", "conf", "task", "topk"):
+            if not isinstance(value, dict):
+                found.setdefault(key, _any_to_str(value))
+    return found
+
+
+def _device_name(device: str | None) -> str:
+    text = (device or "cpu").strip()
+    kind, _, index = text.replace(":", ".").partition(".")
+    upper = kind.upper()
+    if upper not in ("CPU", "GPU", "NPU", "AUTO", "MULTI", "HETERO"):
+        raise PredictorError(f"OpenVINO device '{device}' is not one of cpu, gpu, gpu.N, npu, auto")
+    return f"{upper}.{index}" if index else upper
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+
+    def __init__(
+        self,
+        path: Path,
+        device: str = "cpu",
+        precision: str | None = None,
+        performance: str = "latency",
+        threads: int | None = None,
+        num_requests: int | None = None,
+        **_: Any,
+    ) -> None:
+        ov = import_runtime("openvino", "openvino")
+        self._ov = ov
+        self.path = Path(path)
+        if not self.path.with_suffix(".bin").is_file():
+            raise ModelFileError(f"{self.path}: the weights file {self.path.with_suffix('.bin').name} is missing next to it")
+        core = ov.Core()
+        device_name = _device_name(device)
+        base = device_name.split(".")[0]
+        if base in ("CPU", "GPU", "NPU") and not any(d.split(".")[0] == base for d in core.available_devices):
+            raise BackendUnavailableError(
+                f"OpenVINO has no {base} device here (available: {', '.join(core.available_devices)}); use device=cpu"
+            )
+        try:
+            model = core.read_model(str(self.path))
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with parser messages
+            raise ModelFileError(
+                f"{self.path}: OpenVINO cannot read this IR ({str(exc).strip().splitlines()[0][:300]}); "
+                "re-export it with `dfineseg export format=openvino`"
+            ) from None
+        self.metadata = read_rt_metadata(model)
+        if len(model.inputs) != 1 or INPUT_NAME not in model.inputs[0].get_names():
+            raise ModelFileError(
+                f"{self.path}: not a dfineseg model: inputs {[sorted(i.get_names()) for i in model.inputs]}, "
+                f"expected ['{INPUT_NAME}']"
+            )
+        config: dict[str, Any] = {}
+        if performance:
+            if performance.lower() not in _HINTS:
+                raise PredictorError(f"performance hint '{performance}' is not one of {', '.join(_HINTS)}")
+            config["PERFORMANCE_HINT"] = _HINTS[performance.lower()]
+        if precision:
+            if str(precision).lower() not in _PRECISIONS:
+                raise PredictorError(f"precision '{precision}' is not one of f32, f16, bf16")
+            config["INFERENCE_PRECISION_HINT"] = _PRECISIONS[str(precision).lower()]
+        if threads and base == "CPU":
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = core.compile_model(model, device_name, config)
+        except Exception as exc:
+            raise PredictorError(
+                f"{self.path}: OpenVINO cannot compile this model for {device_name} with {config} "
+                f"({str(exc).strip().splitlines()[0][:300]})"
+            ) from None
+        self.output_names = self._check_outputs(self._output_name(o) for o in self.compiled.outputs)
+        pshape = model.inputs[0].get_partial_shape()
+        shape = [d.get_length() if d.is_static else None for d in pshape]
+        computed = self._property("INFERENCE_PRECISION_HINT")
+        computed_name = computed.get_type_name() if hasattr(computed, "get_type_name") else str(computed or "")
+        self.runtime = RuntimeInfo(
+            backend=self.name,
+            device=device_name,
+            precision=computed_name or "f32",
+            batch=shape[0] if shape and shape[0] else None,
+            input_hw=input_hw_from(shape, self.metadata, self.path),
+            extra={
+                "performance_hint": str(self._property("PERFORMANCE_HINT") or ""),
+                "threads": self._property("INFERENCE_NUM_THREADS"),
+                "optimal_requests": self._property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"),
+                "requested_precision": config.get("INFERENCE_PRECISION_HINT"),
+            },
+        )
+        # at least two in flight, so a video frame is computed while the previous one is post-processed
+        # (the latency hint reports 1 optimal request, which would serialise the pipeline)
+        self.num_requests = int(num_requests or max(2, int(self.runtime.extra.get("optimal_requests") or 0)))
+        self._request = self.compiled.create_infer_request()
+
+    @staticmethod
+    def _output_name(output: Any) -> str:
+        names = output.get_names()
+        known = [n for n in OUTPUT_NAMES if n in names]
+        return known[0] if known else output.get_any_name()
+
+    def _property(self, key: str) -> Any:
+        try:
+            return self.compiled.get_property(key)
+        except Exception:  # not every device reports every property; absence is not an error
+            return None
+
+    def _collect(self, request: Any) -> dict[str, np.ndarray]:
+        # copies: the request's tensors are reused by the next inference
+        return {name: np.array(request.get_output_tensor(i).data) for i, name in enumerate(self.output_names)}
+
+    def forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        batch = self._check_batch(batch)
+        self._request.infer({0: batch})
+        return self._collect(self._request)
+
+    def forward_stream(self, batches: Iterable[tuple[np.ndarray, Any]]) -> Iterator[tuple[dict[str, np.ndarray], Any]]:
+        """Up to `num_requests` inferences in flight (AsyncInferQueue); results come back in input order."""
+        queue = self._ov.AsyncInferQueue(self.compiled, self.num_requests)
+        done: dict[int, dict[str, np.ndarray]] = {}
+        failures: list[BaseException] = []
+        contexts: dict[int, Any] = {}
+
+        def on_done(request: Any, index: int) -> None:
+            try:
+                done[index] = self._collect(request)
+            except BaseException as exc:  # re-raised in the consumer thread below
+                failures.append(exc)
+
+        queue.set_callback(on_done)
+        next_out = 0
+        try:
+            for index, (batch, ctx) in enumerate(batches):
+                contexts[index] = ctx
+                queue.start_async({0: self._check_batch(batch)}, userdata=index)
+                while next_out in done:
+                    yield done.pop(next_out), contexts.pop(next_out)
+                    next_out += 1
+                if failures:
+                    raise failures[0]
+            queue.wait_all()
+            if failures:
+                raise failures[0]
+            while next_out in done:
+                yield done.pop(next_out), contexts.pop(next_out)
+                next_out += 1
+        finally:
+            queue.wait_all()
+
+    def close(self) -> None:
+        self._request = None
+        self.compiled = None
+
+
+def open_backend(path: Path, **options: Any) -> OpenVinoBackend:
+    return OpenVinoBackend(path, **options)

@@ -1,0 +1,314 @@
+"""Where images come from (sources) and where results go (sinks), for `dfineseg infer`.
+
+Sources: an image file, a folder, a glob pattern, a video file or a webcam index. Each yields `Frame`s
+(a name, the RGB uint8 image, an image id) and keeps a list of skipped unreadable images, which the CLI
+reports: a folder with one broken file still runs, and says which file it skipped and why.
+
+Sinks (`ResultWriter`): annotated images, an annotated video written frame by frame, predictions JSON
+(COCO results with RLE masks and the dataset's category ids; image ids follow the sorted file names
+from 1, as `dfineseg val` numbers a YOLO split, with `images.json` mapping id -> file), YOLO-seg txt
+files and optional box crops.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from dfineseg.infer.backends import PredictorError
+from dfineseg.infer.detections import Detections
+from dfineseg.infer.preprocess import to_rgb_uint8
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pbm", ".pgm", ".ppm", ".pnm")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".gif")
+_GLOB_CHARS = set("*?[")
+
+
+class SourceError(PredictorError):
+    """A source that cannot be opened (missing path, unreadable image or video, no camera)."""
+
+
+class ImageReadError(SourceError):
+    """One image file that cannot be decoded; the message names it."""
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to HxWx3 uint8 RGB (EXIF orientation applied; gray, alpha, 16-bit converted)."""
+    path = Path(path)
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot open ({exc.strerror or exc})") from None
+    # ANYDEPTH keeps 16-bit data for a proper rescale and ANYCOLOR keeps gray as gray; OpenCV still
+    # applies the EXIF orientation with these flags (only IMREAD_UNCHANGED skips it).
+    img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
+    if img is None or img.size == 0:
+        raise ImageReadError(f"{path}: not a readable image (empty, truncated or not an image format OpenCV decodes)")
+    try:
+        return to_rgb_uint8(img, assume_bgr=img.ndim == 3)
+    except (TypeError, ValueError) as exc:
+        raise ImageReadError(f"{path}: {exc}") from None
+
+
+@dataclass
+class Frame:
+    """One image to run: `name` is the output file name (relative), `image_id` its COCO id (from 1)."""
+
+    name: str
+    image: np.ndarray
+    image_id: int
+    path: Path | None = None
+    frame_index: int | None = None  # video frames only
+
+
+@dataclass
+class Source:
+    """Base: iterate for `Frame`s; `total` (None when unknown), `skipped` [(file, reason)] after iterating."""
+
+    kind: str
+    description: str
+    total: int | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[Frame]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def is_video(self) -> bool:
+        return self.kind in ("video", "webcam")
+
+
+@dataclass
+class ImageFilesSource(Source):
+    files: list[Path] = field(default_factory=list)
+    root: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.total = len(self.files)
+
+    def image_names(self) -> dict[int, str]:
+        return {i: str(p) for i, p in enumerate(self.files, 1)}
+
+    def _name(self, path: Path) -> str:
+        if self.root is not None:
+            try:
+                return path.relative_to(self.root).as_posix()
+            except ValueError:
+                pass
+        return path.name
+
+    def __iter__(self) -> Iterator[Frame]:
+        self.skipped = []
+        for image_id, path in enumerate(self.files, 1):
+            try:
+                image = read_image(path)
+            except ImageReadError as exc:
+                if self.kind == "image":  # the one image asked for: nothing to fall back on
+                    raise
+                self.skipped.append((str(path), str(exc).removeprefix(f"{path}: ")))
+                continue
+            yield Frame(self._name(path), image, image_id, path=path)
+
+
+@dataclass
+class VideoSource(Source):
+    target: str | int = 0
+    fps: float = 30.0
+    size: tuple[int, int] = (0, 0)  # (W, H)
+    max_frames: int | None = None
+
+    def _open(self) -> Any:
+        cap = cv2.VideoCapture(self.target)
+        if not cap.isOpened():
+            what = f"webcam {self.target}" if self.kind == "webcam" else f"video {self.target}"
+            raise SourceError(f"cannot open {what} (missing codec, unreadable file or no such camera)")
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        self.fps = float(fps) if fps and np.isfinite(fps) and fps > 0 else 30.0
+        self.size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        self.total = count if count > 0 and self.kind == "video" else self.max_frames
+        if self.max_frames is not None and self.total is not None:
+            self.total = min(self.total, self.max_frames)
+        return cap
+
+    def probe(self) -> VideoSource:
+        """Open once to read fps, size and frame count (raises SourceError now rather than mid-run)."""
+        self._open().release()
+        return self
+
+    def __iter__(self) -> Iterator[Frame]:
+        cap = self._open()
+        stem = Path(str(self.target)).stem if self.kind == "video" else f"webcam{self.target}"
+        try:
+            index = 0
+            while self.max_frames is None or index < self.max_frames:
+                ok, bgr = cap.read()
+                if not ok:
+                    break
+                index += 1
+                yield Frame(f"{stem}_{index:06d}", to_rgb_uint8(bgr, assume_bgr=True), index, frame_index=index)
+        finally:
+            cap.release()
+
+
+def _sorted_files(paths: Sequence[Path]) -> list[Path]:
+    return sorted((p for p in paths if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.as_posix())
+
+
+def open_source(spec: str | int | Path, max_frames: int | None = None) -> Source:
+    """`img.jpg`, `folder/`, `'images/*.png'`, `clip.mp4`, `rtsp://...`, `0` (webcam index) -> a Source."""
+    if str(spec).strip().isdigit() and not Path(str(spec).strip()).exists():
+        return VideoSource("webcam", f"webcam {int(spec)}", target=int(spec), max_frames=max_frames).probe()
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not files:
+            raise SourceError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return ImageFilesSource("folder", str(path), files=files, root=path)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in VIDEO_SUFFIXES:
+            return VideoSource("video", str(path), target=str(path), max_frames=max_frames).probe()
+        return ImageFilesSource("image", str(path), files=[path], root=path.parent)
+    if "://" in text:  # rtsp://, http:// streams: OpenCV's FFmpeg backend opens them like a file
+        return VideoSource("video", text, target=text, max_frames=max_frames).probe()
+    if _GLOB_CHARS & set(text):
+        matches = [Path(p) for p in globlib.glob(os.path.expanduser(text), recursive=True)]
+        files = _sorted_files(matches)
+        if not files:
+            raise SourceError(f"glob '{text}' matches no image files")
+        root = Path(os.path.commonpath([str(p.parent) for p in files]))
+        return ImageFilesSource("glob", text, files=files, root=root)
+    raise SourceError(f"source not found: {text} (give an image, a folder, a glob like 'dir/*.jpg', a video or a webcam index)")
+
+
+# ----------------------------------------------------------------------------------------------- sinks
+@dataclass
+class SinkOptions:
+    save_images: bool = True
+    save_json: bool = True
+    save_txt: bool = False
+    save_crops: bool = False
+    mask_alpha: float = 0.45
+    line_width: int | None = None
+    show_conf: bool = True
+
+
+class ResultWriter:
+    """Writes every sink for one run into `out` (created). `close()` writes the JSON files and returns
+    a summary of what was written."""
+
+    def __init__(
+        self,
+        out: str | Path,
+        names: Sequence[str],
+        category_ids: Sequence[int] | None,
+        options: SinkOptions | None = None,
+        video_fps: float | None = None,
+    ) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.names = list(names)
+        self.category_ids = list(category_ids) if category_ids is not None else list(range(len(names)))
+        self.options = options or SinkOptions()
+        self.video_fps = video_fps
+        self.results: list[dict] = []
+        self.images: dict[str, str] = {}
+        self.counts = {"images": 0, "detections": 0, "empty": 0}
+        self._video: Any = None
+        self._video_path: Path | None = None
+        self.files: list[Path] = []
+
+    # -------------------------------------------------------------- per frame
+    def write(self, frame: Frame, det: Detections) -> None:
+        from dfineseg.infer.draw import draw_detections
+
+        self.counts["images"] += 1
+        self.counts["detections"] += len(det)
+        self.counts["empty"] += int(len(det) == 0)
+        opts = self.options
+        if opts.save_json:
+            self.results.extend(det.to_coco(frame.image_id, self.category_ids, with_masks=det.has_masks))
+            self.images[str(frame.image_id)] = str(frame.path) if frame.path is not None else frame.name
+        if opts.save_images:
+            drawn = draw_detections(
+                frame.image, det, self.names, mask_alpha=opts.mask_alpha, line_width=opts.line_width,
+                show_conf=opts.show_conf,
+            )
+            if self.video_fps is not None:
+                self._write_video_frame(drawn, frame)
+            else:
+                self._write_image(self.out / "images" / _image_name(frame.name), drawn)
+        if opts.save_txt:
+            txt = self.out / "labels" / Path(frame.name).with_suffix(".txt")
+            txt.parent.mkdir(parents=True, exist_ok=True)
+            lines = det.to_yolo_lines(with_conf=False)
+            txt.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        if opts.save_crops and len(det):
+            self._write_crops(frame, det)
+
+    def _write_image(self, path: Path, rgb: np.ndarray) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise PredictorError(f"{path}: OpenCV could not write this image (disk full or unsupported suffix?)")
+
+    def _write_video_frame(self, rgb: np.ndarray, frame: Frame) -> None:
+        if self._video is None:
+            stem = frame.name.rsplit("_", 1)[0]
+            self._video_path = self.out / f"{stem}.mp4"
+            h, w = rgb.shape[:2]
+            self._video = cv2.VideoWriter(str(self._video_path), cv2.VideoWriter_fourcc(*"mp4v"), self.video_fps, (w, h))
+            if not self._video.isOpened():
+                raise PredictorError(f"{self._video_path}: OpenCV cannot open a video writer (mp4v codec unavailable?)")
+            self.files.append(self._video_path)
+        self._video.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+    def _write_crops(self, frame: Frame, det: Detections) -> None:
+        h0, w0 = frame.image.shape[:2]
+        stem = Path(frame.name).with_suffix("").as_posix().replace("/", "_")
+        for i, (box, label) in enumerate(zip(det.boxes, det.labels)):
+            x0, y0 = int(np.floor(box[0])), int(np.floor(box[1]))
+            x1, y1 = min(int(np.ceil(box[2])), w0), min(int(np.ceil(box[3])), h0)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            cls = self.names[int(label)] if int(label) < len(self.names) else str(int(label))
+            self._write_image(self.out / "crops" / _safe(cls) / f"{stem}_{i}.jpg", frame.image[y0:y1, x0:x1])
+
+    # -------------------------------------------------------------- end of run
+    def close(self) -> dict[str, Any]:
+        if self._video is not None:
+            self._video.release()
+            self._video = None
+        if self.options.save_json:
+            self._write_json(self.out / "predictions.json", self.results)
+            self._write_json(self.out / "images.json", self.images)
+        return {"out": str(self.out), **self.counts, "video": str(self._video_path) if self._video_path else None}
+
+    def _write_json(self, path: Path, data: Any) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, path)
+        self.files.append(path)
+
+
+def _image_name(name: str) -> str:
+    """Keep the source's relative name; formats OpenCV cannot write become .png."""
+    p = Path(name)
+    writable = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+    return p.as_posix() if p.suffix.lower() in writable else p.with_suffix(".png").as_posix()
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "class"

@@ -1,0 +1,181 @@
+"""Exported-graph outputs -> one `Detections` per image (numpy + OpenCV, no torch).
+
+Used by training-time validation and by every backend, so their numbers agree.
+
+Masks are the expensive part: upsampling K=100 mask maps to the full image and undoing the resize
+costs image area x queries. Here only detections that pass the threshold get a mask, and each mask is
+computed only inside its own box: the logit cells under the box (plus the neighbours that bilinear
+interpolation at the box border reads, exactly as a full-image resize would) are sampled bilinearly
+straight at the original pixels' positions (separable: a small horizontal pass, then a banded
+vertical product), then binarised at logit 0 (= sigmoid 0.5). The cost therefore grows with the kept
+boxes' area only, and no image-size array is ever allocated.
+
+Coordinate chain for a mask (continuous coordinates, pixel i covers [i, i+1)): original x ->
+network ``x * scale_x + pad_x`` -> mask grid ``network * Wm / W``; the bilinear sample position of
+original pixel i is that of its centre, minus 0.5 (OpenCV's / align_corners=False convention). This is
+exactly the position a full-image ``resize(mask, (W,H))`` followed by un-letterboxing and
+``resize(..., (W0,H0))`` would sample; the two differ only in interpolating once instead of twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from dfineseg.infer.boxes import box_iou
+from dfineseg.infer.detections import Detections, integer_boxes
+from dfineseg.infer.preprocess import ResizeMeta, boxes_to_original
+
+OUTPUT_NAMES = ("scores", "labels", "boxes", "mask_logits")
+
+
+def _as_output_dict(outputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    if isinstance(outputs, Mapping):
+        missing = [k for k in OUTPUT_NAMES[:3] if k not in outputs]
+        if missing:
+            raise KeyError(f"model outputs lack {missing}; got {sorted(outputs)} (expected {list(OUTPUT_NAMES)})")
+        return {k: np.asarray(v) for k, v in outputs.items() if k in OUTPUT_NAMES and v is not None}
+    seq = list(outputs)
+    if len(seq) not in (3, 4):
+        raise ValueError(f"expected 3 (detect) or 4 (segment) model outputs in the order {OUTPUT_NAMES}, got {len(seq)}")
+    return {k: np.asarray(v) for k, v in zip(OUTPUT_NAMES, seq)}
+
+
+def score_threshold(labels: np.ndarray, conf: float, class_conf: Mapping[int, float] | None) -> np.ndarray:
+    """Per-detection threshold: ``class_conf[label]`` where given, else ``conf``. float32 like the
+    scores, so a score equal to the threshold is kept (postprocess and the metrics share this)."""
+    thr = np.full(labels.shape, float(conf), dtype=np.float32)
+    if class_conf:
+        for cls, value in class_conf.items():
+            thr[labels == int(cls)] = float(value)
+    return thr
+
+
+def nms_class_aware(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_thr: float) -> np.ndarray:
+    """Greedy non-maximum suppression within each class. Returns kept indices, highest score first."""
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(-scores, kind="stable")
+    b = boxes[order].astype(np.float64)
+    lab = labels[order]
+    iou = box_iou(b, b)
+    same = lab[:, None] == lab[None, :]
+    suppressed = np.zeros(len(b), dtype=bool)
+    keep = []
+    for i in range(len(b)):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= same[i] & (iou[i] > iou_thr)
+    return order[np.array(keep, dtype=np.int64)]
+
+
+# OpenBLAS runs a product on all its threads above ~2.6e5 multiply-adds; on a busy CPU (or next to
+# OpenVINO's own threads) those threads spin and a 0.3 ms product takes 40 ms. Products here are kept
+# below that size, so they run on the calling thread.
+_MAX_MACS_PER_PRODUCT = 131_072
+
+
+def _sample_positions(n_out: int, a: float, b: float, n_map: int) -> tuple[np.ndarray, np.ndarray]:
+    """1-D bilinear sampling of output i at map position ``a*i + b``, clamped to the map like OpenCV's
+    resize at the border: (index of the left/top cell, float32 weight of the next cell)."""
+    pos = np.clip(a * np.arange(n_out, dtype=np.float64) + b, 0.0, n_map - 1)
+    i0 = np.minimum(np.floor(pos).astype(np.int64), max(n_map - 2, 0))
+    return i0, (pos - i0).astype(np.float32)
+
+
+def mask_in_box(logits: np.ndarray, meta: ResizeMeta, rect: Sequence[int]) -> np.ndarray:
+    """Binary mask of one detection over its pixel rectangle (x0, y0, x1, y1) in the original image.
+
+    ``logits`` is the detection's (Hm, Wm) mask-logit map at 1/4 of the network input. Only the cells
+    under the box and the neighbours bilinear interpolation at its edge reads are touched. Bilinear
+    interpolation is separable: the horizontal pass runs on the few crop rows (small), the vertical
+    pass is a banded product computed a band of rows at a time.
+    """
+    x0, y0, x1, y1 = (int(v) for v in rect)
+    out_h, out_w = y1 - y0, x1 - x0
+    if out_h <= 0 or out_w <= 0:
+        return np.zeros((max(out_h, 0), max(out_w, 0)), dtype=bool)
+    hm, wm = logits.shape
+    # Original pixel index -> mask-grid sample position (see the module docstring).
+    ax = meta.scale_x * wm / meta.in_w
+    ay = meta.scale_y * hm / meta.in_h
+    bx = (meta.pad_x + 0.5 * meta.scale_x) * wm / meta.in_w - 0.5
+    by = (meta.pad_y + 0.5 * meta.scale_y) * hm / meta.in_h - 0.5
+    ix, fx = _sample_positions(out_w, ax, ax * x0 + bx, wm)
+    iy, fy = _sample_positions(out_h, ay, ay * y0 + by, hm)
+    cx0, cx1 = int(ix[0]), min(int(ix[-1]) + 2, wm)
+    cy0, cy1 = int(iy[0]), min(int(iy[-1]) + 2, hm)
+    crop = logits[cy0:cy1, cx0:cx1].astype(np.float32, copy=False)
+    ch, cw = crop.shape
+    lx = ix - cx0
+    rows = crop[:, lx] * (1.0 - fx) + crop[:, np.minimum(lx + 1, cw - 1)] * fx  # (ch, out_w)
+
+    ly = iy - cy0
+    hy = np.minimum(ly + 1, ch - 1)
+    wy = np.zeros((out_h, ch), dtype=np.float32)
+    r = np.arange(out_h)
+    wy[r, ly] = 1.0 - fy
+    wy[r, hy] += fy
+    out = np.empty((out_h, out_w), dtype=bool)
+    band = 32
+    while band > 1 and band * (band * ay + 2) * out_w > _MAX_MACS_PER_PRODUCT:
+        band //= 2
+    for r0 in range(0, out_h, band):
+        r1 = min(r0 + band, out_h)
+        k0, k1 = int(ly[r0]), int(hy[r1 - 1]) + 1
+        np.greater(wy[r0:r1, k0:k1] @ rows[k0:k1], 0.0, out=out[r0:r1])
+    return out
+
+
+def postprocess(
+    outputs: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+    metas: Sequence[ResizeMeta],
+    conf: float = 0.5,
+    class_conf: Mapping[int, float] | None = None,
+    nms_iou: float | None = None,
+    max_det: int | None = None,
+) -> list[Detections]:
+    """Batched graph outputs (``scores`` [B,K], ``labels`` [B,K], ``boxes`` [B,K,4] xyxy normalised,
+    optional ``mask_logits`` [B,K,H/4,W/4]) -> one `Detections` per image.
+
+    Keeps ``score >= threshold`` (``class_conf`` maps a class index to its own threshold, others use
+    ``conf``), then optional class-aware NMS at ``nms_iou`` (off by default: DETR outputs need none),
+    then the ``max_det`` best; boxes go back to original pixels (clipped) and masks are made only for
+    the kept detections, inside their boxes.
+    """
+    out = _as_output_dict(outputs)
+    scores, labels, boxes = out["scores"], out["labels"], out["boxes"]
+    logits = out.get("mask_logits")
+    if scores.ndim != 2 or labels.shape != scores.shape or boxes.shape != scores.shape + (4,):
+        raise ValueError(
+            f"output shapes disagree: scores {scores.shape}, labels {labels.shape}, boxes {boxes.shape} "
+            "(expected [B,K], [B,K], [B,K,4])"
+        )
+    if logits is not None and (logits.ndim != 4 or logits.shape[:2] != scores.shape):
+        raise ValueError(f"mask_logits shape {logits.shape} does not match scores {scores.shape} (expected [B,K,H/4,W/4])")
+    if len(metas) != scores.shape[0]:
+        raise ValueError(f"{len(metas)} resize metas for a batch of {scores.shape[0]}")
+
+    results = []
+    for b, meta in enumerate(metas):
+        s = scores[b].astype(np.float32)
+        lab = labels[b].astype(np.int64)
+        keep = np.nonzero(s >= score_threshold(lab, conf, class_conf))[0]
+        keep = keep[np.argsort(-s[keep], kind="stable")]
+        if nms_iou is not None and len(keep):
+            keep = keep[nms_class_aware(boxes[b][keep], s[keep], lab[keep], nms_iou)]
+        if max_det is not None:
+            keep = keep[:max_det]
+        xyxy = boxes_to_original(boxes[b][keep], meta, clip=True).astype(np.float32)
+        masks = origins = None
+        if logits is not None:
+            rects = integer_boxes(xyxy, meta.orig_shape)
+            masks = [mask_in_box(logits[b, k], meta, r) for k, r in zip(keep, rects)]
+            origins = rects[:, :2]
+        results.append(
+            Detections(
+                boxes=xyxy, scores=s[keep], labels=lab[keep], image_shape=meta.orig_shape, masks=masks, mask_origins=origins
+            )
+        )
+    return results

@@ -1,0 +1,168 @@
+"""Every CPU backend gives the same Detections as PyTorch, and reports what really runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_predictor_standin import (
+    CATEGORY_IDS,
+    IMGSZ,
+    NAMES,
+    assert_same_detections,
+    get_standin_files,
+    scene,
+    torch_reference,
+)
+
+from dfineseg.infer.backends import ModelFileError, PredictorError, detect_backend, load_backend
+from dfineseg.infer.predictor import Predictor
+
+
+@pytest.fixture(scope="session")
+def standin_files(tmp_path_factory):
+    return get_standin_files(tmp_path_factory)
+
+
+IMAGES = [scene(s) for s in range(4)] + [scene(9, h=90, w=200)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return torch_reference().predict(IMAGES)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino", "openvino_dir"])
+def test_backend_matches_torch(standin_files, reference, fmt):
+    path = {"onnx": standin_files.onnx, "openvino": standin_files.openvino,
+            "openvino_dir": standin_files.openvino.parent}[fmt]
+    options = {"precision": "f32"} if fmt.startswith("openvino") else {}
+    with Predictor.load(path, **options) as predictor:
+        assert predictor.names == NAMES and predictor.category_ids == CATEGORY_IDS
+        assert tuple(predictor.info.imgsz) == IMGSZ and predictor.task == "segment"
+        results = predictor.predict(IMAGES)
+    assert sum(len(d) for d in reference) > 0
+    for got, ref in zip(results, reference):
+        assert_same_detections(got, ref)
+
+
+def test_onnxruntime_reports_the_provider_really_used(standin_files):
+    be = load_backend(standin_files.onnx, threads=1)
+    assert be.runtime.backend == "onnxruntime"
+    assert be.runtime.device == "CPUExecutionProvider"
+    assert be.runtime.extra["providers"] == be.session.get_providers()
+    assert be.runtime.batch is None and be.runtime.input_hw == IMGSZ
+    assert be.info.names == NAMES and be.info.category_ids == CATEGORY_IDS  # decoded metadata
+    with pytest.raises(PredictorError, match="unknown backend option.*precison"):
+        load_backend(standin_files.onnx, precison="f32")
+
+
+def test_onnxruntime_refuses_a_gpu_it_does_not_have(standin_files):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA for ONNX Runtime")
+    from dfineseg.infer.errors import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="CUDAExecutionProvider"):
+        load_backend(standin_files.onnx, device="cuda")
+
+
+def test_openvino_records_the_precision_it_computes_in(standin_files):
+    import openvino as ov
+
+    be32 = load_backend(standin_files.openvino, precision="f32", threads=1, performance="latency")
+    assert be32.runtime.precision == "f32"
+    assert be32.runtime.extra["performance_hint"].upper().endswith("LATENCY")
+    assert int(be32.runtime.extra["threads"]) == 1
+    # f16 is not honoured by most x86 CPUs: whatever is asked, the report is what the device computes in
+    be16 = load_backend(standin_files.openvino, precision="f16")
+    truth = ov.Core().compile_model(str(standin_files.openvino), "CPU", {"INFERENCE_PRECISION_HINT": "f16"})
+    assert be16.runtime.precision == truth.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    with pytest.raises(PredictorError, match="precision 'fp64'"):
+        load_backend(standin_files.openvino, precision="fp64")
+
+
+def test_openvino_throughput_hint_and_async_stream_keep_order(standin_files):
+    be = load_backend(standin_files.openvino, precision="f32", performance="throughput", num_requests=3)
+    assert be.runtime.extra["performance_hint"].upper().endswith("THROUGHPUT")
+    from dfineseg.infer.preprocess import preprocess
+
+    batches = [preprocess([img], IMGSZ)[0] for img in IMAGES]
+    streamed = list(be.forward_stream((b, i) for i, b in enumerate(batches)))
+    assert [ctx for _, ctx in streamed] == list(range(len(batches)))
+    for (out, i) in streamed:
+        sync = be.forward(batches[i])
+        for name in sync:
+            np.testing.assert_array_equal(out[name], sync[name])
+
+
+def test_dynamic_batch_equals_one_by_one(standin_files):
+    predictor = Predictor.load(standin_files.onnx, batch_size=3)
+    assert predictor.chunk_size(len(IMAGES)) == 3
+    batched = predictor.predict(IMAGES)
+    for img, det in zip(IMAGES, batched):
+        assert_same_detections(det, predictor.predict(img), box_iou_min=0.999, mask_iou_min=0.999)
+
+
+def test_fixed_batch_model_pads_the_last_chunk(standin_files, reference):
+    predictor = Predictor.load(standin_files.onnx_batch2)
+    assert predictor.runtime.batch == 2 and predictor.chunk_size(5) == 2
+    results = predictor.predict(IMAGES)  # 5 images -> 2 + 2 + (1 + padding)
+    assert len(results) == len(IMAGES)
+    for got, ref in zip(results, reference):
+        assert_same_detections(got, ref)
+    with pytest.raises(PredictorError, match="batch of 3"):
+        predictor.backend.forward(np.zeros((3, 3, *IMGSZ), np.float32))
+
+
+def test_detect_model_has_no_masks(standin_files):
+    predictor = Predictor.load(standin_files.onnx_detect)
+    assert predictor.task == "detect"
+    ref = torch_reference(task="detect").predict(IMAGES)
+    for got, r in zip(predictor.predict(IMAGES), ref):
+        assert not got.has_masks
+        assert_same_detections(got, r)
+
+
+def test_backend_is_chosen_by_file(standin_files, tmp_path):
+    assert detect_backend(standin_files.onnx) == "onnxruntime"
+    assert detect_backend(standin_files.openvino) == "openvino"
+    assert detect_backend(standin_files.openvino.parent) == "openvino"
+    assert detect_backend(standin_files.openvino.with_suffix(".bin")) == "openvino"
+    for name, backend in [("best.pt", "torch"), ("model.engine", "tensorrt")]:
+        (tmp_path / name).write_bytes(b"x")
+        assert detect_backend(tmp_path / name) == backend
+
+
+def test_tensorrt_without_gpu_says_so(tmp_path):
+    from dfineseg.infer.errors import BackendUnavailableError
+
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not an engine")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendUnavailableError, match="TensorRT engines need an NVIDIA GPU"):
+            Predictor.load(engine)
+    else:
+        with pytest.raises((BackendUnavailableError, ModelFileError)):
+            Predictor.load(engine)
+
+
+def test_openvino_reads_metadata_written_like_the_exporter(tmp_path):
+    """The exporter stores the map under rt_info['model_info'] (no ONNX metadata_props to inherit)."""
+    import json
+
+    import openvino as ov
+    from test_predictor_standin import export_onnx, metadata
+
+    bare = export_onnx(tmp_path / "bare.onnx", meta={})
+    model = ov.convert_model(str(bare))
+    meta = metadata(conf=0.42)
+    meta["names"] = json.dumps(["x", "y", "z"])
+    for key, value in meta.items():
+        model.set_rt_info(value, ["model_info", key])
+    ov.save_model(model, str(tmp_path / "ir" / "model.xml"))
+    predictor = Predictor.load(tmp_path / "ir")
+    assert predictor.names == ["x", "y", "z"] and predictor.conf == pytest.approx(0.42)
+    assert predictor.category_ids == CATEGORY_IDS

@@ -1,0 +1,201 @@
+"""Export on the trained fixture: ONNX FP32/FP16 and OpenVINO FP32/FP16/INT8, each parity-checked.
+
+One module-scoped export makes every CPU artefact (dynamic batch, half, int8 with accuracy control);
+the tests read its files and reports, rerun runtimes on them, and corrupt a copy to see parity fail.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+trained_fixture = pytest.importorskip("trained_fixture")
+from trained_fixture import trained_run  # noqa: E402,F401  (session fixture)
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+CPU_ARTEFACTS = ("onnx", "onnx_fp16", "openvino", "openvino_fp16", "openvino_int8")
+
+
+def _config(trained_run, out, **export):  # noqa: F811
+    from dfineseg.train.checkpoint import config_from_checkpoint, load_checkpoint
+
+    cfg = config_from_checkpoint(load_checkpoint(trained_run.checkpoint))
+    cfg.data.path = str(trained_run.data_yaml)
+    for key, value in export.items():
+        setattr(cfg.export, key, value)
+    cfg.export.out = str(out)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):  # noqa: F811
+    from dfineseg.export.api import export_model
+
+    cfg = _config(
+        trained_run, tmp_path_factory.mktemp("export"), formats=["onnx", "openvino"], half=True, int8=True,
+        dynamic_batch=True, parity_images=4, int8_calib_size=4, int8_max_iterations=2,
+    )
+    paths = export_model(trained_run.checkpoint, cfg, say=print)
+    return paths, json.loads(paths["summary"].read_text())
+
+
+@pytest.fixture(scope="module")
+def val_batch(trained_run):  # noqa: F811
+    from dfineseg.data import load_index, read_image
+    from dfineseg.infer.preprocess import preprocess
+
+    index = load_index(trained_run.data_yaml, "val")
+    images = [read_image(r.file) for r in index.images[:3]]
+    return preprocess(images, trained_run.imgsz)[0]
+
+
+def _checks(summary, key):
+    return {c["name"]: c for c in summary["artefacts"][key]["parity"]["report"]["checks"]}
+
+
+def test_every_cpu_artefact_is_written_and_passes_parity(exported):
+    paths, summary = exported
+    assert set(CPU_ARTEFACTS) <= set(paths)
+    for key in CPU_ARTEFACTS:
+        art = summary["artefacts"][key]
+        assert art["parity"]["passed"], (key, art["parity"]["report"]["checks"])
+        assert art["size_bytes"] > 0
+        checks = _checks(summary, key)
+        # Real detections were compared, and the F1 check ran on the validation set with ground truth.
+        assert checks["detections"]["detail"]["matched"] > 0, key
+        assert checks["f1"]["judged"] and checks["f1"]["detail"]["torch_f1"] > 0.3, key
+        assert checks["dynamic_batch"]["passed"], key
+    for key, limit in (("onnx", 1e-4), ("openvino", 1e-4), ("onnx_fp16", 1e-2), ("openvino_fp16", 1e-2)):
+        raw = _checks(summary, key)["raw"]
+        assert raw["judged"] and raw["limit"] == limit and raw["value"] <= limit, (key, raw)
+        det = _checks(summary, key)["detections"]["detail"]
+        assert det["min_box_iou"] >= 0.99 and det["min_mask_iou"] >= 0.95, (key, det)
+    # Each artefact has its own report next to it; none overwrote another.
+    out = paths["onnx"].parent
+    for name in ("model.onnx.parity.json", "model_fp16.onnx.parity.json", "openvino/parity.json",
+                 "openvino_fp16/parity.json", "openvino_int8/parity.json"):
+        assert json.loads((out / name).read_text())["passed"], name
+
+
+def test_onnx_file_follows_the_graph_contract(exported, trained_run):  # noqa: F811
+    from dfineseg.export.onnx_export import decomposed_layernorms, op_counts
+    from dfineseg.infer.metadata import decode_metadata
+
+    paths, summary = exported
+    model = onnx.load(str(paths["onnx"]))
+    assert not list(paths["onnx"].parent.glob("*.data")), "the ONNX model must be one self-contained file"
+    assert summary["artefacts"]["onnx"]["simplified"], summary["artefacts"]["onnx"]["simplify_error"]
+    counts = op_counts(model)
+    assert counts.get("LayerNormalization", 0) > 0 and decomposed_layernorms(model) == 0
+    assert [i.name for i in model.graph.input] == ["images"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    outs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    assert outs == {"scores": 1, "labels": 7, "boxes": 1, "mask_logits": 1}
+    meta = decode_metadata({p.key: p.value for p in model.metadata_props})
+    assert meta.names == trained_run.names and meta.imgsz == tuple(trained_run.imgsz)
+    assert meta.precision == "fp32" and meta.task == "segment" and abs(meta.conf - trained_run.conf) < 1e-6
+    fp16 = onnx.load(str(paths["onnx_fp16"]))
+    assert {i.type.tensor_type.elem_type for i in list(fp16.graph.input) + list(fp16.graph.output)} == {1, 7}
+    assert decode_metadata({p.key: p.value for p in fp16.metadata_props}).precision == "fp16"
+
+
+def test_openvino_irs_record_precision_and_compress_weights(exported):
+    paths, summary = exported
+    for key in ("openvino", "openvino_fp16", "openvino_int8"):
+        runtime = summary["artefacts"][key]["parity"]["report"]["runtime"]
+        assert runtime["requested_precision"] == "f32" and runtime["precision"] == "f32", runtime
+    fp32_bin = (paths["openvino"] / "model.bin").stat().st_size
+    fp16_bin = (paths["openvino_fp16"] / "model.bin").stat().st_size
+    assert fp16_bin < 0.7 * fp32_bin
+
+
+def test_int8_is_accuracy_controlled_and_reports_its_f1_change(exported):
+    paths, summary = exported
+    report = json.loads((paths["openvino_int8"] / "int8_accuracy.json").read_text())
+    assert report["accuracy_controlled"], report["note"]
+    assert report["float_f1"] > 0.3 and report["int8_f1"] is not None
+    assert report["f1_drop"] == pytest.approx(report["float_f1"] - report["int8_f1"])
+    assert report["f1_drop"] <= report["max_drop"] + 1e-9
+    assert report["ignored_operations"], "the distribution/box-decoding tail should stay in float"
+    f1 = _checks(summary, "openvino_int8")["f1"]
+    assert f1["judged"] and f1["passed"] and f1["limit"] == report["max_drop"]
+
+
+def test_dynamic_batch_gives_the_same_results_for_b1_and_b3(exported, val_batch):
+    import onnxruntime as ort
+    import openvino as ov
+
+    paths, _ = exported
+    session = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
+    compiled = ov.Core().compile_model(str(paths["openvino"] / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+    def run_ort(x):
+        return session.run(None, {"images": x})
+
+    def run_ov(x):
+        res = compiled(x)
+        return [res[o] for o in compiled.outputs]
+
+    assert val_batch.shape[0] == 3
+    for run in (run_ort, run_ov):
+        together = run(val_batch)
+        singles = [run(val_batch[i : i + 1]) for i in range(3)]
+        for k, out in enumerate(together):
+            alone = np.concatenate([s[k] for s in singles])
+            assert out.shape[0] == 3 and np.abs(out.astype(np.float64) - alone).max() <= 1e-5
+
+
+def test_a_corrupted_export_fails_parity(exported, trained_run, tmp_path):  # noqa: F811
+    from dfineseg.export.errors import ParityError
+    from dfineseg.export.parity import TOLERANCES, run_parity
+    from dfineseg.export.api import parity_session
+
+    paths, _ = exported
+    bad = tmp_path / "model.onnx"
+    shutil.copy(paths["onnx"], bad)
+    model = onnx.load(str(bad))
+    # Nudge the largest weight tensor by 2 %: a silent numerical corruption, not a broken file.
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if t.data_type == 1 else 0)
+    arr = numpy_helper.to_array(init)
+    init.CopyFrom(numpy_helper.from_array((arr * 1.02).astype(arr.dtype), init.name))
+    onnx.save(model, str(bad))
+
+    session = parity_session(trained_run.checkpoint, _config(trained_run, tmp_path, parity_images=2))
+    forward, fixed, runtime = session.backend(bad)
+    with pytest.raises(ParityError, match="parity with PyTorch failed"):
+        run_parity(bad, "fp32", forward, fixed, session.data, session.reference, TOLERANCES["fp32"], runtime=runtime)
+    report = json.loads((tmp_path / "model.onnx.parity.json").read_text())
+    failed = {c["name"]: c for c in report["checks"] if not c["passed"]}
+    assert not report["passed"] and "outputs" in failed and failed["outputs"]["value"] > 1e-4, report["checks"]
+    # The untouched file passes the same session's checks.
+    good = tmp_path / "good" / "model.onnx"
+    good.parent.mkdir()
+    shutil.copy(paths["onnx"], good)
+    forward, fixed, _ = session.backend(good)
+    ok = run_parity(good, "fp32", forward, fixed, session.data, session.reference, TOLERANCES["fp32"],
+                    raise_on_failure=False)
+    assert ok.passed, [c for c in ok.checks if not c.passed]
+
+
+def test_non_square_320_static_batch_export(trained_run, tmp_path):  # noqa: F811
+    import onnxruntime as ort
+
+    from dfineseg.export.api import export_model
+
+    cfg = _config(trained_run, tmp_path, formats=["onnx"], imgsz=(256, 320), batch=2, dynamic_batch=False,
+                  simplify=False, parity_images=3)
+    paths = export_model(trained_run.checkpoint, cfg, say=None)
+    session = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [2, 3, 256, 320]
+    scores, labels, boxes, masks = session.run(None, {"images": np.zeros((2, 3, 256, 320), np.float32)})
+    assert masks.shape[2:] == (64, 80) and labels.dtype == np.int64
+    report = json.loads(paths["summary"].read_text())["artefacts"]["onnx"]["parity"]
+    assert report["passed"]
+    # 3 images through a batch-2 graph: the last slice was padded, and parity still compared all three.
+    assert report["report"]["raw_images"] == 3

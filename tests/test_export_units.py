@@ -1,0 +1,205 @@
+"""Export building blocks on small graphs: the gather sampler, FP16 conversion, LayerNorm form, TensorRT guard."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfineseg.export.errors import ExportBackendUnavailable, ExportError
+from dfineseg.export.fp16 import convert_to_fp16
+from dfineseg.export.gather_sampler import gather_grid_sample, use_gather_sampler
+from dfineseg.export.onnx_export import decomposed_layernorms, export_onnx, op_counts
+
+# The TorchScript exporter warns that it is deprecated on every call; it is the one chosen (native LN, one file).
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+class Sampler(nn.Module):
+    def forward(self, value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class SmallDeploy(nn.Module):
+    """DeployModel-shaped stand-in: conv, LayerNorm, grid_sample, float arange, top-K, per-query mask logits."""
+
+    def __init__(self, classes: int = 3, queries: int = 12, k: int = 5, dim: int = 8) -> None:
+        super().__init__()
+        self.k = k
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, 2, 1), nn.ReLU(), nn.Conv2d(dim, dim, 3, 2, 1))
+        self.query = nn.Parameter(torch.randn(queries, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.offset = nn.Linear(dim, 2)
+        self.cls = nn.Linear(dim, classes)
+        self.box = nn.Linear(dim, 4)
+
+    def forward(self, images: torch.Tensor):
+        feat = self.stem(images)
+        b, d, h, w = feat.shape
+        pos = torch.arange(w, dtype=torch.float32) / w  # shape arithmetic in float (Range in the graph)
+        feat = feat + pos.view(1, 1, 1, w)
+        q = self.query.unsqueeze(0).expand(b, -1, -1)
+        grid = torch.tanh(self.offset(q)).unsqueeze(2)
+        q = self.norm(q + F.grid_sample(feat, grid, align_corners=False).squeeze(-1).transpose(1, 2))
+        scores, labels = self.cls(q).sigmoid().max(-1)
+        scores, idx = scores.topk(self.k, dim=1)
+        cxcywh = self.box(q).sigmoid().gather(1, idx[..., None].expand(-1, -1, 4))
+        boxes = torch.cat([cxcywh[..., :2] - cxcywh[..., 2:] / 2, cxcywh[..., :2] + cxcywh[..., 2:] / 2], -1)
+        masks = torch.einsum("bqd,bdhw->bqhw", q.gather(1, idx[..., None].expand(-1, -1, d)), feat)
+        return scores, labels.gather(1, idx), boxes, masks
+
+
+def _run(path, **feeds):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_gather_sampler_equals_grid_sample_in_torch_and_onnxruntime(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(2, 5, 7, 9, generator=g)
+    grid = torch.rand(2, 6, 4, 2, generator=g) * 2.6 - 1.3  # partly outside [-1, 1]: zeros padding matters
+    reference = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    assert torch.allclose(gather_grid_sample(value, grid), reference, atol=1e-6)
+
+    paths = {}
+    for gather in (False, True):
+        path = tmp_path / f"sampler_{gather}.onnx"
+        with use_gather_sampler(gather), torch.no_grad():
+            torch.onnx.export(Sampler(), (value, grid), str(path), dynamo=False, opset_version=19,
+                              input_names=["value", "grid"], output_names=["out"])
+        paths[gather] = path
+    counts = op_counts(onnx.load(str(paths[True])))
+    assert "GridSample" not in counts and counts.get("GatherElements", 0) == 4
+    assert op_counts(onnx.load(str(paths[False]))).get("GridSample") == 1
+    feeds = {"value": value.numpy(), "grid": grid.numpy()}
+    native, = _run(paths[False], **feeds)
+    gathered, = _run(paths[True], **feeds)
+    assert np.abs(native - gathered).max() <= 1e-5
+    assert np.abs(gathered - reference.numpy()).max() <= 1e-5
+    assert F.grid_sample is not None and F.grid_sample.__name__ == "grid_sample"  # restored after the block
+
+
+def test_gather_sampler_reaches_the_model_decoder(monkeypatch):
+    from dfineseg.config import ModelConfig
+    from dfineseg.export import gather_sampler
+    from dfineseg.model.dfine import DeployModel, build_model
+
+    torch.manual_seed(0)
+    deploy = DeployModel(build_model(ModelConfig(size="tiny", num_queries=20), 2), topk=5).eval()
+    x = torch.rand(1, 3, 64, 64)
+    calls = []
+
+    def spy(value, grid):
+        calls.append(value.shape)
+        return gather_grid_sample(value, grid)
+
+    with torch.no_grad():
+        native = deploy(x)
+        monkeypatch.setattr(gather_sampler, "gather_grid_sample", spy)
+        with use_gather_sampler():
+            swapped = deploy(x)
+    assert calls, "deformable attention did not sample through the patched grid_sample"
+    for a, b in zip(native, swapped):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+def test_export_onnx_refuses_a_graph_that_kept_gridsample(tmp_path, monkeypatch):
+    from dfineseg.export import gather_sampler
+
+    # As if the decoder sampled through a name the switch cannot reach: the graph keeps GridSample.
+    monkeypatch.setattr(gather_sampler, "_patched_grid_sample", gather_sampler._ORIGINAL_GRID_SAMPLE)
+    with pytest.raises(ExportError, match="GridSample"):
+        export_onnx(SmallDeploy().eval(), tmp_path / "m.onnx", imgsz=(64, 64), simplify=False, gather_sampler=True)
+
+
+def test_layernorm_is_native_at_opset_17_and_decomposed_form_is_detected(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).eval()
+    x = torch.rand(2, 4)
+    found = {}
+    for opset in (16, 17):
+        path = tmp_path / f"ln{opset}.onnx"
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset)
+        proto = onnx.load(str(path))
+        found[opset] = (op_counts(proto).get("LayerNormalization", 0), decomposed_layernorms(proto))
+    assert found[16] == (0, 1)
+    assert found[17] == (1, 0)
+    with pytest.raises(ExportError, match="opset >= 17"):
+        export_onnx(model, tmp_path / "x.onnx", imgsz=(32, 32), opset=16)
+
+
+def test_fp16_onnx_has_float32_io_keeps_layernorm_fp32_and_runs_in_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    model = SmallDeploy().eval()
+    info = export_onnx(model, tmp_path / "m.onnx", imgsz=(64, 96), dynamic_batch=True, simplify=False)
+    fp32 = onnx.load(str(info.path))
+    assert "Range" in op_counts(fp32)  # the float arange survived: the converter must keep it float32
+    fp16 = convert_to_fp16(fp32)
+    path16 = tmp_path / "m16.onnx"
+    onnx.save(fp16, str(path16))
+
+    elem = {i.name: i.type.tensor_type.elem_type for i in list(fp16.graph.input) + list(fp16.graph.output)}
+    assert elem == {"images": 1, "scores": 1, "labels": 7, "boxes": 1, "mask_logits": 1}
+    weights = {t.name: t.data_type for t in fp16.graph.initializer}
+    conv_w = [n.input[1] for n in fp16.graph.node if n.op_type == "Conv"]
+    assert conv_w and all(weights[w] == onnx.TensorProto.FLOAT16 for w in conv_w)
+    producers = {o: n for n in fp16.graph.node for o in n.output}
+    for node in fp16.graph.node:
+        if node.op_type in ("LayerNormalization", "Range"):
+            src = producers.get(node.input[0])
+            x_is_fp32 = (src is not None and src.op_type == "Cast" and src.attribute[0].i == onnx.TensorProto.FLOAT) or (
+                weights.get(node.input[0]) == onnx.TensorProto.FLOAT
+            ) or (src is not None and src.op_type == "Constant" and src.attribute[0].t.data_type == onnx.TensorProto.FLOAT)
+            assert x_is_fp32, f"{node.op_type} {node.name} is not fed float32"
+        if node.op_type == "LayerNormalization":
+            assert weights[node.input[1]] == onnx.TensorProto.FLOAT
+
+    x = np.random.default_rng(0).random((3, 3, 64, 96), dtype=np.float32)
+    ref = _run(info.path, images=x)
+    got = _run(path16, images=x)
+    assert got[1].dtype == np.int64 and got[0].dtype == np.float32
+    for name, a, b in zip(("scores", "labels", "boxes", "mask_logits"), ref, got):
+        if name == "labels":
+            continue
+        scale = max(1.0, float(np.abs(a).max()))
+        assert np.abs(a - b).max() <= 1e-2 * scale, name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed: guard not exercised")
+def test_tensorrt_export_says_it_is_unavailable(tmp_path):
+    from dfineseg.export.tensorrt_export import build_engine
+
+    with pytest.raises(ExportBackendUnavailable, match="tensorrt package is not installed"):
+        build_engine(tmp_path / "m.onnx", None, tmp_path / "m.engine", imgsz=(64, 64), batch=1,
+                     dynamic_batch=False, metadata={})
+
+
+def test_tensorrt_engine_builds_on_a_gpu(tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed here (it needs an NVIDIA GPU machine)")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT is installed but no CUDA GPU is visible")
+    from dfineseg.export.tensorrt_export import build_engine
+
+    info = export_onnx(SmallDeploy().eval(), tmp_path / "m.onnx", imgsz=(64, 64), dynamic_batch=True, simplify=False)
+    onnx.save(convert_to_fp16(onnx.load(str(info.path))), str(tmp_path / "m16.onnx"))
+    engine = build_engine(info.path, tmp_path / "m16.onnx", tmp_path / "m.engine", imgsz=(64, 64), batch=1,
+                          dynamic_batch=True, max_batch=4, workspace_gb=1.0, metadata={"task": "segment"})
+    assert engine.path.stat().st_size > 0 and engine.sidecar.is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed: guard not exercised")
+def test_export_command_with_tensorrt_fails_up_front_saying_why(tmp_path):
+    from dfineseg.config import build_config
+    from dfineseg.export.api import export_model
+    from dfineseg.infer.errors import UserError
+
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(b"not read: the toolchain check comes first")
+    cfg = build_config({"export": {"formats": ["onnx", "tensorrt"]}})
+    with pytest.raises(UserError, match="TensorRT export is not possible here"):
+        export_model(weights, cfg, say=None)
+    assert not list(tmp_path.glob("*.onnx")), "nothing is exported when a requested format cannot be made"

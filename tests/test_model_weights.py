@@ -1,0 +1,112 @@
+"""Loading official D-FINE files, HGNetv2 backbone files, and clear errors for wrong files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dfineseg.model import DFINESeg, WeightsError, load_weights
+
+
+def _fake_official(tmp_path: Path, num_classes: int, name: str = "dfine.pth", seed: int = 1) -> tuple[Path, dict]:
+    """An official-layout file from our own detection state_dict, with distinct EMA and raw weights."""
+    torch.manual_seed(seed)
+    src = DFINESeg("tiny", num_classes, "detect")
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ema = {k: v.clone() for k, v in src.state_dict().items()}
+    raw = {k: (v + 1.0 if v.is_floating_point() else v) for k, v in ema.items()}
+    path = tmp_path / name
+    torch.save({"model": raw, "ema": {"module": ema, "updates": 10}, "last_epoch": 3}, path)
+    return path, ema
+
+
+def test_official_file_with_other_class_count_reinitialises_only_class_tensors(tmp_path: Path) -> None:
+    path, ema = _fake_official(tmp_path, num_classes=7)
+    torch.manual_seed(5)
+    model = DFINESeg("tiny", 3, "segment")
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_weights(model, path)
+    expected = {"decoder.enc_score_head.weight", "decoder.enc_score_head.bias", "decoder.denoising_class_embed.weight"}
+    expected |= {f"decoder.dec_score_head.{i}.{t}" for i in range(2) for t in ("weight", "bias")}
+    assert report.kind == "official" and report.source == "ema.module"
+    assert set(report.reinitialised) == expected
+    state = model.state_dict()
+    for key, value in state.items():
+        if key in expected or key.startswith("mask_head.") or key in ("decoder.anchors", "decoder.valid_mask"):
+            assert torch.equal(value, fresh[key]), key  # kept its own value
+        else:
+            assert torch.equal(value, ema[key]), key  # EMA weights preferred over `model`
+
+
+def test_same_class_count_loads_everything_and_rebuilds_size_buffers(tmp_path: Path) -> None:
+    path, ema = _fake_official(tmp_path, num_classes=3)
+    blob = torch.load(path, weights_only=True)
+    blob["ema"]["module"]["decoder.anchors"] = torch.zeros_like(blob["ema"]["module"]["decoder.anchors"])
+    torch.save(blob, path)
+    model = DFINESeg("tiny", 3, "detect")
+    anchors = model.decoder.anchors.clone()
+    report = load_weights(model, path)
+    assert report.reinitialised == []
+    assert torch.equal(model.decoder.anchors, anchors)  # never taken from the file
+    assert torch.equal(model.decoder.enc_score_head.weight, ema["decoder.enc_score_head.weight"])
+
+
+def test_model_key_is_used_without_ema(tmp_path: Path) -> None:
+    path, ema = _fake_official(tmp_path, num_classes=3)
+    blob = torch.load(path, weights_only=True)
+    torch.save({"model": blob["model"]}, path)
+    model = DFINESeg("tiny", 3, "detect")
+    assert load_weights(model, path).source == "model"
+    assert torch.equal(model.decoder.pre_bbox_head.layers[0].bias, blob["model"]["decoder.pre_bbox_head.layers.0.bias"])
+
+
+def test_backbone_file_without_prefix_loads_into_backbone_only(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    donor = DFINESeg("tiny", 3, "detect")
+    with torch.no_grad():
+        for p in donor.backbone.parameters():
+            p.add_(1.0)
+    state = donor.backbone.state_dict()
+    path = tmp_path / "PPHGNetV2_T0_stage1.pth"
+    torch.save(state, path)
+    model = DFINESeg("tiny", 3, "detect")
+    decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    report = load_weights(model, path)
+    assert report.kind == "backbone" and report.loaded == len(state)
+    assert torch.equal(model.backbone.stem.stem1.conv.weight, state["stem.stem1.conv.weight"])
+    assert all(torch.equal(v, decoder_before[k]) for k, v in model.decoder.state_dict().items())
+
+
+def test_wrong_files_give_clear_errors(tmp_path: Path) -> None:
+    model = DFINESeg("tiny", 3, "detect")
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(WeightsError, match="not a PyTorch checkpoint"):
+        load_weights(model, text)
+
+    path, _ = _fake_official(tmp_path, num_classes=3)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="truncated"):
+        load_weights(model, truncated)
+
+    # Another size: the backbone stem of the file is wider than ours.
+    blob = torch.load(path, weights_only=True)
+    blob["ema"]["module"]["backbone.stem.stem1.conv.weight"] = torch.zeros(16, 3, 3, 3)
+    other = tmp_path / "other_size.pth"
+    torch.save(blob, other)
+    with pytest.raises(WeightsError) as err:
+        load_weights(model, other)
+    msg = str(err.value)
+    assert "backbone.stem.stem1.conv.weight" in msg and "(8, 3, 3, 3)" in msg and "(16, 3, 3, 3)" in msg
+
+    with pytest.raises(WeightsError, match="not found"):
+        load_weights(model, tmp_path / "missing.pth")
+    empty = tmp_path / "empty.pth"
+    torch.save({"optimizer": {"lr": 1.0}}, empty)
+    with pytest.raises(WeightsError, match="no model weights found"):
+        load_weights(model, empty)

@@ -1,0 +1,175 @@
+"""The training loop on the real model, criterion and data: exact resume, non-finite steps, run folder."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from dfineseg.config import build_config
+from dfineseg.train.checkpoint import load_checkpoint
+from dfineseg.train.trainer import Trainer, TrainingDiverged, increment_run_dir
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    from trained_fixture import single_thread
+
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    from dfineseg.data.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("small"), n_train=4, n_val=2, seed=3)
+
+
+def _cfg(data_yaml, project, name, **train):
+    raw = {
+        "data": {"path": str(data_yaml), "imgsz": 64, "workers": 0,
+                 "augment": {"mosaic": {"p": 0.5}, "affine": {"p": 0.5}}},
+        "model": {"size": "tiny", "num_queries": 10, "num_denoising": 6},
+        "eval": {"plots": False, "batch": 2},
+        "train": {"epochs": 2, "batch": 2, "project": str(project), "name": name, "warmup_iters": 2,
+                  "ema_warmup": 3, "seed": 5, "tensorboard": False, "plot_images": 0, "save_every_steps": 1,
+                  "val_every": 2,
+                  **train},
+    }
+    return build_config(raw)
+
+
+class _CrashAt:
+    """Raises on the n-th criterion call, as a kill would interrupt the run mid-epoch."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __call__(self, total, terms):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt("simulated kill")
+        return total, terms
+
+
+def test_resume_mid_epoch_equals_uninterrupted_run(small_data, tmp_path):
+    """4 optimizer steps (2 epochs of 2 batches) in one run == 3 steps, a kill in the middle of epoch 2,
+    and a resume from last.pt for the last step."""
+    full = Trainer(_cfg(small_data, tmp_path, "full"))
+    full.fit()
+    assert full.step == 4
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_cfg(small_data, tmp_path, "cut"), criterion_hook=_CrashAt(4)).fit()
+    cut_last = tmp_path / "cut" / "last.pt"
+    saved = load_checkpoint(cut_last)
+    assert (saved["step"], saved["epoch"], saved["epoch_batch"]) == (3, 1, 1)
+
+    resumed = Trainer(_cfg(small_data, tmp_path, "ignored", resume=str(cut_last)))
+    resumed.fit()
+    assert resumed.run_dir == (tmp_path / "cut").resolve() and resumed.step == 4
+
+    a = load_checkpoint(tmp_path / "full" / "last.pt")
+    b = load_checkpoint(cut_last)
+    for key in ("model", "ema"):
+        for name, ta in a[key].items():
+            tb = b[key][name]
+            assert torch.allclose(ta.float(), tb.float(), rtol=1e-5, atol=1e-6, equal_nan=True), f"{key}.{name} differs"
+    exp_avg = [s["exp_avg"] for s in a["optimizer"]["state"].values()]
+    exp_avg_b = [s["exp_avg"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(exp_avg, exp_avg_b))
+    assert a["scheduler"] == b["scheduler"] and a["ema_updates"] == b["ema_updates"] == 4
+    # The resumed run's results.csv continues the interrupted one: epochs 1 and 2, once each.
+    with (tmp_path / "cut" / "results.csv").open() as fh:
+        assert [row["epoch"] for row in csv.DictReader(fh)] == ["1", "2"]
+
+
+def test_non_finite_loss_is_skipped_and_counted(small_data, tmp_path):
+    calls = {"n": 0}
+
+    def nan_once(total, terms):
+        calls["n"] += 1
+        return (total * float("nan"), terms) if calls["n"] == 2 else (total, terms)
+
+    tr = Trainer(_cfg(small_data, tmp_path, "nan1", epochs=1), criterion_hook=nan_once)
+    tr.fit()
+    ckpt = load_checkpoint(tmp_path / "nan1" / "last.pt")
+    assert ckpt["nonfinite_steps"] == 1
+    assert ckpt["step"] == 1  # 2 batches, one skipped
+    # decoder.anchors holds +inf at invalid positions by design (the official layout); weights must be finite.
+    assert all(torch.isfinite(v).all() for k, v in ckpt["model"].items() if v.is_floating_point() and "anchors" not in k)
+
+
+def test_consecutive_non_finite_losses_stop_with_last_good_checkpoint(small_data, tmp_path):
+    calls = {"n": 0}
+
+    def nan_from_third(total, terms):
+        calls["n"] += 1
+        return (total * float("nan"), terms) if calls["n"] >= 3 else (total, terms)
+
+    with pytest.raises(TrainingDiverged, match=r"3 consecutive non-finite losses.*last\.pt"):
+        Trainer(_cfg(small_data, tmp_path, "nan3", epochs=3, max_nonfinite=3, save_every_steps=1),
+                criterion_hook=nan_from_third).fit()
+    ckpt = load_checkpoint(tmp_path / "nan3" / "last.pt")
+    assert ckpt["step"] == 2
+    # decoder.anchors holds +inf at invalid positions by design (the official layout); weights must be finite.
+    assert all(torch.isfinite(v).all() for k, v in ckpt["model"].items() if v.is_floating_point() and "anchors" not in k)
+
+
+def test_run_folder_increments_unless_exist_ok(tmp_path):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp2").mkdir()
+    assert increment_run_dir(tmp_path, "exp", exist_ok=False) == tmp_path / "exp3"
+    assert increment_run_dir(tmp_path, "exp", exist_ok=True) == tmp_path / "exp"
+    assert increment_run_dir(tmp_path, "new", exist_ok=False) == tmp_path / "new"
+
+
+def test_resume_from_best_pt_is_refused(small_data, tmp_path):
+    from dfineseg.train.checkpoint import CheckpointError
+
+    Trainer(_cfg(small_data, tmp_path, "b", epochs=1)).fit()
+    with pytest.raises(CheckpointError, match="last.pt"):
+        Trainer(_cfg(small_data, tmp_path, "b2", resume=str(tmp_path / "b" / "best.pt"))).fit()
+
+
+def test_bad_start_weights_name_the_file(small_data, tmp_path):
+    from dfineseg.infer.errors import UserError
+
+    bogus = tmp_path / "dfine_n_coco.pth"
+    bogus.write_bytes(b"\x00" * 64)
+    cfg = _cfg(small_data, tmp_path, "w")
+    cfg.model.weights = str(bogus)
+    with pytest.raises(UserError, match="dfine_n_coco.pth"):
+        Trainer(cfg).fit()
+
+
+def test_time_budget_overrides_epochs_and_ends_with_validation(small_data, tmp_path):
+    tr = Trainer(_cfg(small_data, tmp_path, "budget", epochs=500, time=0.05, val_every=1000))
+    best = tr.fit()
+    # 3 seconds cannot hold 500 epochs: the schedule was refitted to what the budget holds.
+    assert tr.total_epochs < 500
+    assert tr.schedule.total_steps == tr.total_epochs * tr.steps_per_epoch
+    assert tr.ema.total_steps == tr.schedule.total_steps
+    assert best.is_file() and "val/mask_f1" in open(tmp_path / "budget" / "results.csv").readline()
+    assert (tmp_path / "budget" / "val" / "metrics.json").is_file()
+
+
+def test_sampler_order_is_seeded_per_epoch_resumable_and_split_across_ranks():
+    from dfineseg.train.sampler import ResumableBatchSampler
+
+    s = ResumableBatchSampler(10, 3, seed=1, imgsz=(64, 64))
+    s.set_epoch(2)
+    full = [[i for i, _, _ in b] for b in s]
+    s.set_epoch(2, start_batch=2)
+    assert [[i for i, _, _ in b] for b in s] == full[2:]  # a resume continues the same permutation
+    s.set_epoch(3)
+    assert [[i for i, _, _ in b] for b in s] != full  # a new order each epoch
+    assert sorted(i for b in full for i in b) == list(range(10))
+    ranks = [ResumableBatchSampler(10, 2, seed=1, rank=r, world_size=3) for r in range(3)]
+    for r in ranks:
+        r.set_epoch(0)
+    parts = [[i for b in r for i, _, _ in b] for r in ranks]
+    assert len({len(p) for p in parts}) == 1  # equal work per rank (padded like DistributedSampler)
+    assert set().union(*parts) == set(range(10))
