@@ -6,7 +6,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 LIBRARIES = ("dfineseg", "numpy", "opencv-python-headless", "torch", "onnxruntime", "onnxruntime-gpu",
@@ -45,7 +45,7 @@ def library_versions() -> dict[str, str]:
 
 def machine_info(threads: int | None = None) -> dict[str, Any]:
     return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": threads or os.cpu_count(),

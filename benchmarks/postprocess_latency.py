@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import cv2
 import numpy as np
+
 from dfineseg.infer.detections import integer_boxes
 from dfineseg.infer.postprocess import postprocess
 from dfineseg.infer.preprocess import ResizeMeta, boxes_to_network, preprocess

@@ -44,3 +44,19 @@ def val(cfg: Any = None, *, predict: Any = None, **overrides: Any) -> dict[str, 
 
     resolved = _resolve(cfg, overrides, VAL_ALIASES)
     return run_val(resolved, predict=predict)
+
+
+def export(cfg: Any = None, **overrides: Any) -> dict[str, Path]:
+    """Export weights=... to ONNX / OpenVINO / TensorRT (parity-checked); returns {artefact: path}."""
+    from dfineseg.config import EXPORT_ALIASES
+    from dfineseg.export.api import export as _export
+
+    return _export(_resolve(cfg, overrides, EXPORT_ALIASES))
+
+
+def bench(cfg: Any = None, **overrides: Any) -> list[dict[str, Any]]:
+    """Latency and accuracy of every format under the paper's protocol; returns the results rows."""
+    from dfineseg.benchmarks.harness import run_bench
+    from dfineseg.config import BENCH_ALIASES
+
+    return run_bench(_resolve(cfg, overrides, BENCH_ALIASES))

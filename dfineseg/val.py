@@ -9,7 +9,6 @@ post-processing (`dfineseg.infer.postprocess`), so training numbers and deployed
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -178,14 +177,11 @@ def run_val(
 
 
 def _checkpoint_predictor(weights: str | Path, cfg: Any) -> tuple[Predict, dict[str, Any]]:
-    import torch
-
     from dfineseg.train.checkpoint import load_model_from_checkpoint
     from dfineseg.train.distributed import resolve_device
 
     device = resolve_device(cfg.train.device if cfg.train.device != "auto" else "auto")
     model, info = load_model_from_checkpoint(weights, device=device)
-    torch.set_grad_enabled(False)
     predict = torch_predictor(
         model, info["imgsz"], info["resize"], conf=cfg.eval.map_conf, device=device, topk=cfg.eval.max_det,
         nms_iou=cfg.eval.nms_iou,
@@ -194,19 +190,15 @@ def _checkpoint_predictor(weights: str | Path, cfg: Any) -> tuple[Predict, dict[
 
 
 def _exported_predictor(path: str | Path, cfg: Any) -> tuple[Predict, dict[str, Any]]:
-    """Exported models (ONNX, OpenVINO, TensorRT) go through the inference package's Predictor."""
-    from dfineseg.infer.errors import UserError
+    """Exported models (ONNX, OpenVINO, TensorRT) through the inference package's Predictor: the same
+    preprocess / postprocess, so their numbers compare with the checkpoint's."""
+    from dfineseg.infer.predictor import Predictor
 
-    try:
-        from dfineseg.infer.predictor import Predictor
-    except ModuleNotFoundError:
-        raise UserError(f"{path}: validating exported models needs dfineseg.infer.predictor (not in this build)") from None
-    predictor = Predictor.load(str(path))
-    meta = getattr(predictor, "metadata", None) or {}
-    info = {"task": meta.get("task") if isinstance(meta, dict) else None, "names": None}
+    predictor = Predictor.load(str(path), nms_iou=cfg.eval.nms_iou, max_det=cfg.eval.max_det)
+    info = {"task": predictor.task, "names": list(predictor.names)}
 
     def predict(images: list[np.ndarray]) -> list[Any]:
-        return predictor.predict(images, conf=cfg.eval.map_conf)
+        return predictor.predict_batch(images, conf=cfg.eval.map_conf)
 
     return predict, info
 
@@ -218,9 +210,3 @@ def _next_dir(base: Path) -> Path:
     while Path(f"{base}{n}").exists():
         n += 1
     return Path(f"{base}{n}")
-
-
-def save_json(obj: Any, path: str | Path) -> None:
-    from dfineseg.utils.io import atomic_write_bytes
-
-    atomic_write_bytes(path, json.dumps(obj, indent=2).encode("utf-8"))

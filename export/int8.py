@@ -174,6 +174,11 @@ def quantize_int8(
         raise ExportError(f"{fp32_xml}: NNCF INT8 quantisation failed: {type(exc).__name__}: {exc}") from exc
 
     int8_f1 = _f1_of_model(quantized, data) if data.ground_truth is not None else None
+    if controlled and float_f1 is not None and int8_f1 is not None and float_f1 - int8_f1 > max_drop:
+        note += (
+            f"; the target was NOT reached: F1 drop {float_f1 - int8_f1:.4f} after NNCF's reverting "
+            "(allow more with export.int8_max_iterations, or a larger export.int8_max_drop)"
+        )
     write_openvino_metadata(quantized, {**metadata, "precision": "int8"})
     out_dir.mkdir(parents=True, exist_ok=True)
     xml = out_dir / "model.xml"

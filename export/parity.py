@@ -7,10 +7,12 @@ Checks, each reported with its measured value and its limit (a failure names the
   as class probabilities (sigmoid of the logits, so that saturated background logits of -15 whose
   FP16 spacing is 0.016 do not dominate; the logit difference is reported too) and boxes, max abs
   difference. When that exceeds the tolerance, the encoder's own top-K may have ordered near-equal
-  candidates differently (FP16 does that): queries are then paired one-to-one and the K best PyTorch
-  queries with a score >= RELEVANT_SCORE must agree.
-- ``outputs``: the artefact's own top-K scores, sorted (order-free, so near-equal scores may swap),
-  max abs difference against PyTorch's.
+  candidates differently or swapped a few at its selection boundary (FP16 does that): queries are
+  then paired one-to-one, and the K best PyTorch queries with a score >= RELEVANT_SCORE must agree,
+  up to SWAP_FRACTION of the queries per image left unpaired (counted in the report).
+- ``outputs``: the artefact's own top-K against PyTorch's: scores sorted (order-free, so near-equal
+  scores may swap), then boxes and mask logits (relative to their magnitude) of entries paired one to
+  one by score and box; max abs difference.
 - ``detections``: both outputs post-processed by `dfineseg.infer.postprocess` at the evaluation
   threshold; detections matched one-to-one (same class, greedy by box IoU) must have box IoU >= 0.99
   and mask IoU >= 0.95. A detection present on one side only counts as a failure unless its score is
@@ -45,6 +47,7 @@ RAW_NAMES = ("logits", "boxes_cxcywh")
 BOX_IOU_MIN = 0.99
 MASK_IOU_MIN = 0.95
 RELEVANT_SCORE = 0.01
+SWAP_FRACTION = 0.05  # queries per image that may swap at the encoder's top-K boundary (FP16/INT8)
 
 
 @dataclass(frozen=True)
@@ -195,21 +198,29 @@ def check_raw(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: Toler
     value = max(prob_diff, box_diff)
     detail: dict[str, Any] = {"max_abs_prob": prob_diff, "max_abs_box": box_diff, "max_abs_logit": logit_diff}
     if tol.raw is not None and value > tol.raw:
-        # The encoder picks its queries with its own top-K: near-equal candidates may be ordered
-        # differently, or swap at the selection boundary, when the arithmetic is FP16. Queries are then
-        # paired one-to-one (Hungarian on the max abs difference) and the K best PyTorch queries - the
-        # ones the exported top-K can output - must agree, unless their score is below RELEVANT_SCORE
-        # (no threshold anyone uses keeps them; boundary swaps land there).
-        matched_all, matched_top = _matched_raw_diff(ref, got, topk)
-        detail.update({"matched_max_abs_all_queries": matched_all, "matched_max_abs_top_k": matched_top, "top_k": topk})
-        value = matched_top
+        # The encoder picks its queries with its own top-K over thousands of candidates whose scores
+        # are dense at the selection boundary: in FP16 near-equal candidates come out in another order,
+        # and a few swap in or out at the boundary. Queries are then paired one-to-one (Hungarian on
+        # the max abs difference); among the K best PyTorch queries (those the exported top-K can
+        # output) with a score >= RELEVANT_SCORE, at most `swap_allowance` per image may be unpaired
+        # swaps, and every other pair must agree within the tolerance.
+        queries = ref["logits"].shape[1]
+        allowance = swap_allowance(queries)
+        matched = _matched_raw_diff(ref, got, topk, allowance, tol.raw)
+        detail.update(matched | {"top_k": topk, "swap_allowance_per_image": allowance})
+        value = matched["matched_max_abs_after_swaps"]
     return Check("raw", value, tol.raw, tol.raw is None or value <= tol.raw, tol.raw is not None, detail)
 
 
-def _matched_raw_diff(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], topk: int) -> tuple[float, float]:
+def swap_allowance(queries: int) -> int:
+    return max(1, int(np.ceil(SWAP_FRACTION * queries)))
+
+
+def _matched_raw_diff(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], topk: int, allowance: int, limit: float) -> dict[str, Any]:
     from scipy.optimize import linear_sum_assignment
 
-    worst_all = worst_top = 0.0
+    worst_all = worst_kept = 0.0
+    swaps = 0
     for b in range(ref["logits"].shape[0]):
         pa = _sigmoid(ref["logits"][b])
         a = np.concatenate([pa, ref["boxes_cxcywh"][b]], -1)
@@ -217,18 +228,20 @@ def _matched_raw_diff(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], to
         cost = np.abs(a[:, None, :] - c[None, :, :]).max(-1)
         rows, cols = linear_sum_assignment(cost)
         pair_cost = cost[rows, cols]
+        worst_all = max(worst_all, float(pair_cost.max()))
         score = pa.max(-1)
         best = np.argsort(-score, kind="stable")[:topk]
         best = best[score[best] >= RELEVANT_SCORE]
-        worst_all = max(worst_all, float(pair_cost.max()))
-        if len(best):
-            worst_top = max(worst_top, float(pair_cost[np.isin(rows, best)].max()))
-    return worst_all, worst_top
+        relevant = np.sort(pair_cost[np.isin(rows, best)])[::-1]
+        n_swaps = min(allowance, int((relevant > limit).sum()))
+        swaps += n_swaps
+        if len(relevant) > n_swaps:
+            worst_kept = max(worst_kept, float(relevant[n_swaps]))
+    return {"matched_max_abs_all_queries": worst_all, "matched_max_abs_after_swaps": worst_kept, "swapped_queries": swaps}
 
 
 def check_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: Tolerance) -> Check:
-    diff = float(np.abs(np.sort(ref["scores"], axis=1) - np.sort(got["scores"], axis=1)).max())
-    detail = {"max_abs_sorted_scores": diff}
+    """The artefact's top-K against PyTorch's: scores sorted, then boxes and mask logits of paired entries."""
     for name in ("labels", "boxes", "mask_logits"):
         if name in ref and name not in got:
             return Check("outputs", None, tol.raw, False, True, {"missing_output": name})
@@ -236,7 +249,52 @@ def check_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: T
             return Check("outputs", None, tol.raw, False, True, {f"{name}_shape": [list(ref[name].shape), list(got[name].shape)]})
     if got["labels"].dtype != np.int64:
         return Check("outputs", None, tol.raw, False, True, {"labels_dtype": str(got["labels"].dtype)})
-    return Check("outputs", diff, tol.raw, tol.raw is None or diff <= tol.raw, tol.raw is not None, detail)
+    score_diff = float(np.abs(np.sort(ref["scores"], axis=1) - np.sort(got["scores"], axis=1)).max())
+    limit = tol.raw if tol.raw is not None else np.inf
+    k = ref["scores"].shape[1]
+    allowance = swap_allowance(k)
+    box_diff = mask_diff = kept_diff = 0.0
+    label_mismatch = swaps = 0
+    for b in range(ref["scores"].shape[0]):
+        rows, cols = _pair_topk(ref, got, b)
+        entry = np.abs(ref["boxes"][b, rows].astype(np.float64) - got["boxes"][b, cols]).max(-1)
+        box_diff = max(box_diff, float(entry.max()))
+        label_mismatch += int((ref["labels"][b, rows] != got["labels"][b, cols]).sum())
+        if "mask_logits" in ref:
+            a, c = ref["mask_logits"][b, rows].astype(np.float64), got["mask_logits"][b, cols]
+            # Mask logits are unbounded (tens): judged relative to their magnitude, at the same tolerance.
+            m = np.abs(a - c).reshape(len(rows), -1).max(-1)
+            mask_diff = max(mask_diff, float(m.max()))
+            entry = np.maximum(entry, m / max(1.0, float(np.abs(a).max())))
+        # As for the raw check: entries PyTorch scores below RELEVANT_SCORE are not judged, and a few
+        # (swap_allowance) may be queries that swapped in at the encoder's selection boundary.
+        relevant = np.sort(entry[ref["scores"][b, rows] >= RELEVANT_SCORE])[::-1]
+        n_swaps = min(allowance, int((relevant > limit).sum()))
+        swaps += n_swaps
+        if len(relevant) > n_swaps:
+            kept_diff = max(kept_diff, float(relevant[n_swaps]))
+    value = max(score_diff, kept_diff)
+    detail = {
+        "max_abs_sorted_scores": score_diff,
+        "max_abs_boxes_paired": box_diff,
+        "max_abs_mask_logits_paired": mask_diff,
+        "max_abs_paired_after_swaps": kept_diff,
+        "swapped_entries": swaps,
+        "swap_allowance_per_image": allowance,
+        "label_mismatches": label_mismatch,
+    }
+    return Check("outputs", value, tol.raw, tol.raw is None or value <= tol.raw, tol.raw is not None, detail)
+
+
+def _pair_topk(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pair the K entries of image b one-to-one by score and box (order may differ for near-equal scores)."""
+    from scipy.optimize import linear_sum_assignment
+
+    a = np.concatenate([ref["scores"][b][:, None], ref["boxes"][b]], -1).astype(np.float64)
+    c = np.concatenate([got["scores"][b][:, None], got["boxes"][b]], -1).astype(np.float64)
+    cost = np.abs(a[:, None, :] - c[None, :, :]).max(-1)
+    cost += (ref["labels"][b][:, None] != got["labels"][b][None, :]) * 1.0  # same class first
+    return linear_sum_assignment(cost)
 
 
 def match_detections(a: Detections, b: Detections) -> list[tuple[int, int, float]]:

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from dfineseg.infer.boxes import box_area, box_iou
 from dfineseg.infer.detections import Detections
 from dfineseg.infer.postprocess import score_threshold

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
 from dfineseg.infer.boxes import box_iou
 from dfineseg.infer.detections import Detections, integer_boxes
 from dfineseg.infer.preprocess import ResizeMeta, boxes_to_original

@@ -23,3 +23,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 TESTS_DIR = Path(__file__).parent
 REPO_ROOT = TESTS_DIR.parent
 sys.path.insert(0, str(TESTS_DIR))
+
+# The session-scoped trained model that export, inference, val and bench tests compare against.
+from trained_fixture import trained_run  # noqa: E402,F401

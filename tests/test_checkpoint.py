@@ -82,10 +82,11 @@ def test_missing_truncated_and_foreign_files_give_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(truncated)
 
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="garbage.pt"):
-        load_checkpoint(garbage)
+    for i, content in enumerate((b"not a checkpoint at all", b"hello", b"\x80\x02}q\x00.")):
+        garbage = tmp_path / f"garbage{i}.pt"
+        garbage.write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"garbage{i}.pt"):
+            load_checkpoint(garbage)
 
     plain_state = tmp_path / "state_dict.pt"
     torch.save(model.state_dict(), plain_state)

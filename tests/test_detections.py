@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dfineseg.infer.detections import Detections, crop_rle, integer_boxes
 from pycocotools import mask as mask_util
+
+from dfineseg.infer.detections import Detections, crop_rle, integer_boxes
 
 
 def _random_detections(rng, n=6, shape=(37, 53)):

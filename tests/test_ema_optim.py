@@ -10,7 +10,13 @@ from torch import nn
 
 from dfineseg.config import Config
 from dfineseg.train.ema import ModelEMA
-from dfineseg.train.optim import LRSchedule, build_optimizer, build_param_groups, lr_factor, resolve_optim_settings
+from dfineseg.train.optim import (
+    LRSchedule,
+    build_optimizer,
+    build_param_groups,
+    lr_factor,
+    resolve_optim_settings,
+)
 
 
 class _Toy(nn.Module):

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dfineseg.infer.detections import Detections
-from dfineseg.infer.errors import UserError
 from pycocotools import mask as mask_util
 from test_metrics import _masked_det, reference_counts
 
 from dfineseg.data.index import DatasetIndex, ImageRecord, Instance
 from dfineseg.evaluate import coco_ground_truth, evaluate, ground_truth_from_record, polygons_to_crop
+from dfineseg.infer.detections import Detections
+from dfineseg.infer.errors import UserError
 
 NAMES = ["cat", "dog", "bird"]
 CAT_IDS = [5, 9, 17]

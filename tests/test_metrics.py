@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from dfineseg.infer.detections import Detections
 from dfineseg.infer.metrics import GroundTruth, PaperMetrics, coco_map, compact_mask_iou, paper_metrics, sweep
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+
 from dfineseg.infer.detections import integer_boxes
 from dfineseg.infer.postprocess import nms_class_aware, postprocess
 from dfineseg.infer.preprocess import boxes_to_network, resize_image

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from dfineseg.infer.preprocess import (
     LETTERBOX_PAD_VALUE,
     boxes_to_network,

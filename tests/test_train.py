@@ -146,14 +146,23 @@ def test_bad_start_weights_name_the_file(small_data, tmp_path):
 
 
 def test_time_budget_overrides_epochs_and_ends_with_validation(small_data, tmp_path):
-    tr = Trainer(_cfg(small_data, tmp_path, "budget", epochs=500, time=0.05, val_every=1000))
+    tr = Trainer(_cfg(small_data, tmp_path, "budget", epochs=500, time=0.05, val_every=1000, tensorboard=True,
+                      plot_images=1))
     best = tr.fit()
     # 3 seconds cannot hold 500 epochs: the schedule was refitted to what the budget holds.
     assert tr.total_epochs < 500
     assert tr.schedule.total_steps == tr.total_epochs * tr.steps_per_epoch
     assert tr.ema.total_steps == tr.schedule.total_steps
     assert best.is_file() and "val/mask_f1" in open(tmp_path / "budget" / "results.csv").readline()
-    assert (tmp_path / "budget" / "val" / "metrics.json").is_file()
+    run = tmp_path / "budget"
+    assert (run / "val" / "metrics.json").is_file()
+    # The run folder a user opens: resolved config, both checkpoints, curves, drawn predictions, TensorBoard.
+    for name in ("config.yaml", "last.pt", "results.png"):
+        assert (run / name).is_file(), name
+    assert list(run.glob("val_pred_*.jpg")) and list((run / "tensorboard").glob("events.out.tfevents.*"))
+    from dfineseg.config import load_config
+
+    assert load_config(run / "config.yaml").train.time == 0.05
 
 
 def test_sampler_order_is_seeded_per_epoch_resumable_and_split_across_ranks():
@@ -173,3 +182,10 @@ def test_sampler_order_is_seeded_per_epoch_resumable_and_split_across_ranks():
     parts = [[i for b in r for i, _, _ in b] for r in ranks]
     assert len({len(p) for p in parts}) == 1  # equal work per rank (padded like DistributedSampler)
     assert set().union(*parts) == set(range(10))
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(small_data, tmp_path):
+    # An untrained model scores nothing above conf 0.5: mask F1 stays 0, so epoch 1 stays the best.
+    tr = Trainer(_cfg(small_data, tmp_path, "patience", epochs=10, patience=1, val_every=1))
+    tr.fit()
+    assert tr.epoch == 2 and "early stopping" in tr.stop_reason

@@ -58,7 +58,7 @@ def _independent_mask_f1(pred_json, data_yaml, conf: float) -> float:
     return 2 * tp / max(2 * tp + fp + fn, 1)
 
 
-def test_run_val_writes_files_and_f1_matches_independent_protocol(trained_run, tmp_path):
+def test_run_val_writes_files_and_f1_matches_independent_protocol(trained_run, tmp_path):  # noqa: F811
     from dfineseg.val import run_val
 
     out = tmp_path / "val"
@@ -76,7 +76,7 @@ def test_run_val_writes_files_and_f1_matches_independent_protocol(trained_run, t
     assert trained_run.metrics["mask_map50_95"] == pytest.approx(metrics["mask"]["map50_95"], abs=1e-6)
 
 
-def test_predict_hook_accepts_any_callable(trained_run, tmp_path):
+def test_predict_hook_accepts_any_callable(trained_run, tmp_path):  # noqa: F811
     """Exported backends plug in as `predict(images) -> list[Detections]`; here: the torch predictor
     wrapped, plus a predictor that finds nothing (F1 must drop to 0)."""
     from dfineseg.infer.detections import Detections
@@ -105,7 +105,7 @@ def test_predict_hook_accepts_any_callable(trained_run, tmp_path):
     assert empty["mask"]["f1"] == 0.0 and empty["mask"]["fn"] == direct["instances"]
 
 
-def test_cli_val_and_clear_error_for_a_non_checkpoint(trained_run, tmp_path):
+def test_cli_val_and_clear_error_for_a_non_checkpoint(trained_run, tmp_path):  # noqa: F811
     out = tmp_path / "cli"
     res = subprocess.run(
         [sys.executable, "-m", "dfineseg.cli", "val", f"weights={trained_run.checkpoint}",

@@ -76,7 +76,8 @@ def read_data_yaml(yaml_path: str | Path) -> YoloSpec:
         raise DatasetError(f"{yaml_path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
         raise DatasetError(f"{yaml_path}: expected a mapping with keys path, train, val, names")
-    root = Path(raw["path"]).expanduser() if raw.get("path") else yaml_path.parent
+    # No `path:` means the yaml's own folder; a relative `path:` is relative to that folder.
+    root = Path(raw["path"]).expanduser() if raw.get("path") else Path("")
     if not root.is_absolute():
         root = yaml_path.parent / root
     names = _names(raw.get("names"), yaml_path)

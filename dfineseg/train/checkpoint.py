@@ -12,9 +12,9 @@ from __future__ import annotations
 import copy
 import pickle
 import random
-import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,10 +122,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: not a dfineseg checkpoint (it holds pickled Python objects: {str(exc).splitlines()[0]}). "
             "An official D-FINE .pth goes in model.weights=, not in resume= or weights= of val/export"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001  (any decoding failure of a foreign file; reported, not swallowed)
         raise CheckpointError(
-            f"{path}: unreadable or truncated checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-            "use another copy (last.pt and best.pt are written atomically, so a kill leaves one intact)"
+            f"{path}: not a readable checkpoint: truncated, or another kind of file ({type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0]}); use another copy (last.pt and best.pt are written "
+            "atomically, so a kill leaves one intact)"
         ) from None
     if not isinstance(ckpt, dict) or any(key not in ckpt for key in _REQUIRED):
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__

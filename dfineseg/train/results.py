@@ -10,7 +10,6 @@ from typing import Any
 
 from dfineseg.utils.io import atomic_write_bytes
 
-
 PLOT_KEYS = (
     "train/loss", "train/loss_vfl", "train/loss_bbox", "train/loss_giou", "train/loss_fgl",
     "train/loss_mask_bce", "train/loss_mask_dice", "lr/head", "val/mask_f1", "val/box_f1",

@@ -97,6 +97,11 @@ class Trainer:
     """`Trainer(cfg).fit()` -> Path of best.pt. `cfg.train.resume=runs/x/last.pt` continues that run."""
 
     def __init__(self, cfg: Any, criterion_hook: Any = None) -> None:
+        if cfg.train.gpus > 1 and not D.launched_by_torchrun():
+            raise UserError(
+                f"train.gpus={cfg.train.gpus} needs one process per GPU: run `make train GPUS={cfg.train.gpus}` or "
+                f"`torchrun --standalone --nproc_per_node={cfg.train.gpus} -m dfineseg.cli train ...`"
+            )
         self.dist = D.init_distributed(cfg.train.device)
         self.resume_ckpt: dict[str, Any] | None = None
         if cfg.train.resume:
@@ -609,7 +614,10 @@ class Trainer:
                 save_checkpoint(self._checkpoint(with_optimizer=False), self.run_dir / "best.pt")
                 if self.tcfg.plot_images and getattr(self, "_last_val_preds", None) is not None:
                     n = self.tcfg.plot_images
-                    save_prediction_images(self.val_index.images[:n], self._last_val_preds[:n], self.names, self.run_dir)
+                    # Drawn at the sweep's best threshold: predictions are made at 0.01 for mAP.
+                    conf = metrics.get("best_conf", self.cfg.eval.conf)
+                    shown = [d.filter(d.scores >= conf) for d in self._last_val_preds[:n]]
+                    save_prediction_images(self.val_index.images[:n], shown, self.names, self.run_dir)
             if metrics:
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in _SHOWN)
                 print(f"epoch {done_epoch + 1}: {shown or self.best_metric} (best {self.best_metric} "
