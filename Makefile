@@ -30,9 +30,15 @@ demo-data: setup
 demo: demo-data
 	$(BIN)/dfineseg data check data=$(DEMO_DATA)/data.yaml
 	$(BIN)/dfineseg train --config configs/demo.yaml name=demo exist_ok=true $(ARGS)
-	$(BIN)/dfineseg export weights=$(DEMO_RUN)/best.pt data=$(DEMO_DATA)/data.yaml format=onnx,openvino int8=true
+	$(BIN)/dfineseg export weights=$(DEMO_RUN)/best.pt data=$(DEMO_DATA)/data.yaml format=onnx,openvino
+	@# INT8 is accuracy-controlled: on a briefly trained model it may miss its F1 budget. That is reported
+	@# (and the bench shows the row as failed) without stopping the rest of the demo.
+	$(BIN)/dfineseg export weights=$(DEMO_RUN)/best.pt data=$(DEMO_DATA)/data.yaml format=openvino int8=true \
+	  export.int8_max_drop=0.05 export.int8_max_iterations=5 \
+	  || echo "demo: INT8 export did not pass its accuracy check (message above); continuing without it"
 	$(MAKE) --no-print-directory infer
-	$(BIN)/dfineseg bench weights=$(DEMO_RUN)/best.pt data=$(DEMO_DATA)/data.yaml out=$(DEMO_RUN)/bench
+	$(BIN)/dfineseg bench weights=$(DEMO_RUN)/best.pt data=$(DEMO_DATA)/data.yaml out=$(DEMO_RUN)/bench \
+	  formats=torch,onnx,ov-fp32,ov-int8,trt-fp16
 	@echo "demo finished: see $(DEMO_RUN)/ (results.csv, results.png, infer/, bench/bench.md)"
 
 train: setup
@@ -42,11 +48,13 @@ else
 	$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m dfineseg.cli train --config $(CONFIG) $(ARGS)
 endif
 
+# val/export/bench default to the demo model; WEIGHTS=... and ARGS="..." point them elsewhere.
+WEIGHTS ?= $(DEMO_RUN)/best.pt
 val: setup
-	$(BIN)/dfineseg val --config $(CONFIG) $(ARGS)
+	$(BIN)/dfineseg val --config $(CONFIG) weights=$(WEIGHTS) $(ARGS)
 
 export: setup
-	$(BIN)/dfineseg export --config $(CONFIG) $(ARGS)
+	$(BIN)/dfineseg export --config $(CONFIG) weights=$(WEIGHTS) $(ARGS)
 
 # Without ARGS: every format exported next to the demo model, each writing every sink.
 INFER_SOURCE ?= $(DEMO_DATA)/images/val
@@ -61,7 +69,7 @@ else
 endif
 
 bench: setup
-	$(BIN)/dfineseg bench --config $(CONFIG) $(ARGS)
+	$(BIN)/dfineseg bench --config $(CONFIG) weights=$(WEIGHTS) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
