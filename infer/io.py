@@ -25,37 +25,21 @@ import numpy as np
 
 from dfineseg.infer.backends import PredictorError
 from dfineseg.infer.detections import Detections
+from dfineseg.infer.image_io import IMAGE_SUFFIXES as DATASET_IMAGE_SUFFIXES
+from dfineseg.infer.image_io import (  # the one image reader (also used for training)
+    ImageReadError,
+    read_image,
+)
 from dfineseg.infer.preprocess import to_rgb_uint8
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pbm", ".pgm", ".ppm", ".pnm")
+# Sources accept a few more suffixes than datasets (netpbm, JPEG 2000): OpenCV decodes them all.
+IMAGE_SUFFIXES = tuple(dict.fromkeys(DATASET_IMAGE_SUFFIXES + (".jp2", ".pbm", ".pgm", ".ppm", ".pnm")))
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".gif")
 _GLOB_CHARS = set("*?[")
 
 
 class SourceError(PredictorError):
     """A source that cannot be opened (missing path, unreadable image or video, no camera)."""
-
-
-class ImageReadError(SourceError):
-    """One image file that cannot be decoded; the message names it."""
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to HxWx3 uint8 RGB (EXIF orientation applied; gray, alpha, 16-bit converted)."""
-    path = Path(path)
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as exc:
-        raise ImageReadError(f"{path}: cannot open ({exc.strerror or exc})") from None
-    # ANYDEPTH keeps 16-bit data for a proper rescale and ANYCOLOR keeps gray as gray; OpenCV still
-    # applies the EXIF orientation with these flags (only IMREAD_UNCHANGED skips it).
-    img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
-    if img is None or img.size == 0:
-        raise ImageReadError(f"{path}: not a readable image (empty, truncated or not an image format OpenCV decodes)")
-    try:
-        return to_rgb_uint8(img, assume_bgr=img.ndim == 3)
-    except (TypeError, ValueError) as exc:
-        raise ImageReadError(f"{path}: {exc}") from None
 
 
 @dataclass

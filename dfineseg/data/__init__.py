@@ -4,9 +4,9 @@ Parsing, checks, transforms and the synthetic generator are torch-free; only `df
 (SegmentationDataset, collate_fn) imports torch, so it is not imported here.
 """
 
-from dfineseg.data.image_io import ImageReadError, probe_image, read_image
 from dfineseg.data.index import DatasetError, DatasetIndex, ImageRecord, Instance, Problem
 from dfineseg.data.loader import dataset_splits, detect_format, load_index
+from dfineseg.infer.image_io import ImageReadError, probe_image, read_image
 
 __all__ = [
     "DatasetError",

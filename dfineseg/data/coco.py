@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from dfineseg.data.image_io import ImageReadError, probe_image
 from dfineseg.data.index import (
     ERROR,
     INFO,
@@ -34,6 +33,7 @@ from dfineseg.data.index import (
     polygons_box,
 )
 from dfineseg.data.yolo import COORD_TOLERANCE
+from dfineseg.infer.image_io import ImageReadError, probe_image
 
 SPLIT_TOKENS = ("train", "val", "test")
 

@@ -14,10 +14,10 @@ import cv2
 import numpy as np
 import torch
 
-from dfineseg.data.image_io import ImageReadError, read_image
 from dfineseg.data.index import DatasetError, DatasetIndex
 from dfineseg.data.transforms import Sample, TrainAugment, rasterize, resize_to_network, sample_from_record
 from dfineseg.infer.boxes import box_convert
+from dfineseg.infer.image_io import ImageReadError, read_image
 
 log = logging.getLogger("dfineseg.data")
 MAX_REPLACEMENTS = 20

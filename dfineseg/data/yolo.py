@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from dfineseg.data.image_io import IMAGE_SUFFIXES, ImageReadError, probe_image
 from dfineseg.data.index import (
     ERROR,
     INFO,
@@ -32,6 +31,7 @@ from dfineseg.data.index import (
     polygon_area,
     polygons_box,
 )
+from dfineseg.infer.image_io import IMAGE_SUFFIXES, ImageReadError, probe_image
 
 SPLIT_KEYS = ("train", "val", "test")
 # Coordinates this far outside 0..1 are rounding noise from annotation tools: clip them. Beyond: a bug.
