@@ -1,11 +1,13 @@
 """Box formats and IoU: the one implementation, for numpy arrays and torch tensors alike.
 
-torch is never imported here: a tensor is recognised by its type's module, and its own methods are
-used, so the deployment runtime stays torch-free while the training code shares the same maths.
+torch is never imported here: a tensor is recognised by its type's module, and torch is taken from
+`sys.modules` (a tensor exists, so torch is loaded), so the deployment runtime stays torch-free while the
+training code shares the same maths.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -17,11 +19,13 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
 
 
+def _torch() -> Any:
+    return sys.modules["torch"]
+
+
 def _stack(parts: list[Any], like: Any) -> Any:
     if _is_torch(like):
-        import torch
-
-        return torch.stack(parts, dim=-1)
+        return _torch().stack(parts, dim=-1)
     return np.stack(parts, axis=-1)
 
 
@@ -69,15 +73,11 @@ def box_iou(a: Any, b: Any) -> Any:
 
 def _maximum(x: Any, y: Any) -> Any:
     if _is_torch(x):
-        import torch
-
-        return torch.maximum(x, y)
+        return _torch().maximum(x, y)
     return np.maximum(x, y)
 
 
 def _minimum(x: Any, y: Any) -> Any:
     if _is_torch(x):
-        import torch
-
-        return torch.minimum(x, y)
+        return _torch().minimum(x, y)
     return np.minimum(x, y)
