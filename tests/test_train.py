@@ -145,10 +145,13 @@ def test_bad_start_weights_name_the_file(small_data, tmp_path):
         Trainer(cfg).fit()
 
 
-def test_time_budget_overrides_epochs_and_ends_with_validation(small_data, tmp_path):
+def test_time_budget_overrides_epochs_and_ends_with_validation(small_data, tmp_path, capfd):
     tr = Trainer(_cfg(small_data, tmp_path, "budget", epochs=500, time=0.05, val_every=1000, tensorboard=True,
                       plot_images=1))
     best = tr.fit()
+    # The dataset checks' summary is printed once per split at the start of the run.
+    err = capfd.readouterr().err
+    assert err.count(f"{tr.train_index.split}: {len(tr.train_index.images)} images") == 1
     # 3 seconds cannot hold 500 epochs: the schedule was refitted to what the budget holds.
     assert tr.total_epochs < 500
     assert tr.schedule.total_steps == tr.total_epochs * tr.steps_per_epoch

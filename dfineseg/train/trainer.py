@@ -150,6 +150,9 @@ class Trainer:
         cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
         self.train_index = load_index(cfg.data.path, cfg.data.train_split)
         self.val_index = load_index(cfg.data.path, cfg.data.val_split)
+        if self.dist.is_main:  # the same checks as `dfineseg data check`, summarised once per run
+            for index in (self.train_index, self.val_index):
+                print(index.summary(), file=sys.stderr)
         self.names = list(self.train_index.names)
         self.category_ids = list(self.train_index.category_ids)
         num_classes = len(self.names)
@@ -393,6 +396,11 @@ class Trainer:
             finished_epoch = self.epoch_batch >= self.sampler.batches_per_epoch()
             last_epoch = self.epoch + 1 >= self.total_epochs
             if finished_epoch or stop:
+                # Decide on the budget before validating, so the epoch that ends the run is validated and
+                # logged like any last epoch.
+                if not stop and budget is not None and D.broadcast_object(self._elapsed() >= budget):
+                    self.stop_reason = self.stop_reason or f"time budget of {tcfg.time} min reached"
+                    stop = True
                 metrics: dict[str, float] = {}
                 t_val = time.perf_counter()
                 if stop or last_epoch or (self.epoch + 1) % tcfg.val_every == 0:
@@ -402,9 +410,6 @@ class Trainer:
                 stop = self._end_epoch(metrics) or stop
                 if not stop:
                     self._refit_to_budget()
-                    if budget is not None and D.broadcast_object(self._elapsed() >= budget):
-                        self.stop_reason = self.stop_reason or f"time budget of {tcfg.time} min reached"
-                        stop = True
         self._finish()
 
     def _micro_batches(self):
