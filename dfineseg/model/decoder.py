@@ -49,6 +49,17 @@ def distance2bbox(ref: torch.Tensor, dist: torch.Tensor, reg_scale: torch.Tensor
     return box_convert(torch.stack([x1, y1, x2, y2], -1), "xyxy", "cxcywh")
 
 
+def linear_stack_forward(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """Linear layers with ReLU between them (none after the last): the MLP of every head and the mask
+    head's query embedding."""
+    last = len(layers) - 1
+    for i, layer in enumerate(layers):
+        x = layer(x)
+        if i < last:
+            x = F.relu(x)
+    return x
+
+
 class MLP(nn.Module):
     def __init__(self, cin: int, hidden: int, cout: int, num_layers: int):
         super().__init__()
@@ -56,12 +67,7 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < last:
-                x = F.relu(x)
-        return x
+        return linear_stack_forward(self.layers, x)
 
 
 class MSDeformableAttention(nn.Module):

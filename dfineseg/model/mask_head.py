@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfineseg.model.decoder import linear_stack_forward
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     groups = math.gcd(channels, max(1, min(32, channels // 8)))
@@ -66,12 +68,7 @@ class MaskHead(nn.Module):
         return self.refine(x)
 
     def query_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
-        last = len(self.embed) - 1
-        for i, layer in enumerate(self.embed):
-            hidden = layer(hidden)
-            if i < last:
-                hidden = F.relu(hidden)
-        return hidden
+        return linear_stack_forward(self.embed, hidden)
 
     def mask_logits(self, hidden: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         """hidden [..., B, Q, D] query states, pixels [B, C, h, w] -> [..., B, Q, h, w]."""
