@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -138,8 +139,16 @@ def main() -> None:
     h, w = args.imgsz
     x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     xn = x.numpy()
+    tmp = Path(tempfile.mkdtemp(prefix="dfineseg-latency-"))  # the ONNX files; removed when main() ends
+    try:
+        rows = _measure(args, x, xn, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _report(args, rows, h, w)
+
+
+def _measure(args: argparse.Namespace, x: torch.Tensor, xn: np.ndarray, tmp: Path) -> list[Row]:
     rows: list[Row] = []
-    tmp = Path(tempfile.mkdtemp(prefix="dfineseg-latency-"))
     for size in args.count_sizes:
         for variant in ("detect", "seg-64") if size not in args.sizes else ():
             model = build(size, variant)
@@ -171,7 +180,10 @@ def main() -> None:
                 setattr(size_rows[variant], field[fmt], ms)
             print(size, fmt, {k: round(v, 1) for k, v in res.items()}, flush=True)
         rows.extend(size_rows.values())
+    return rows
 
+
+def _report(args: argparse.Namespace, rows: list[Row], h: int, w: int) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": _cpu_name(),
             "imgsz": [h, w], "runs": args.runs, "torch_runs": args.torch_runs or args.runs,

@@ -6,18 +6,24 @@ them at a throw-away folder so the tests neither depend on nor pollute the user'
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 _HOME = Path(tempfile.mkdtemp(prefix="dfineseg-test-home-"))
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ["HOME"] = str(_HOME)
 os.environ["XDG_CACHE_HOME"] = str(_HOME / ".cache")
 os.environ["MPLCONFIGDIR"] = str(_HOME / ".mpl")
 os.environ["MPLBACKEND"] = "Agg"
 os.environ["TORCH_HOME"] = str(_HOME / ".torch")
-os.environ["OPENVINO_TELEMETRY_OPT_OUT"] = "1"
+# OpenVINO's and NNCF's telemetry read their consent from $HOME/intel/openvino_telemetry; with no file they
+# send events from background threads that fork a process each (and try the network). "0" declines.
+(_HOME / "intel").mkdir()
+(_HOME / "intel" / "openvino_telemetry").write_text("0")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 TESTS_DIR = Path(__file__).parent
@@ -26,3 +32,13 @@ sys.path.insert(0, str(TESTS_DIR))
 
 # The session-scoped trained model that export, inference, val and bench tests compare against.
 from trained_fixture import trained_run  # noqa: E402,F401
+
+# .ci/run sets this: each test's id is appended before it runs, so when the interpreter itself dies (a
+# native crash ends pytest before it can report) the CI summary can still name the test that was running.
+_PROGRESS_LOG = os.environ.get("DFINESEG_TEST_PROGRESS")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _PROGRESS_LOG:
+        with open(_PROGRESS_LOG, "a", encoding="utf-8") as log:
+            log.write(nodeid + "\n")
