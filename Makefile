@@ -30,7 +30,11 @@ demo-data: setup
 demo: demo-data
 	$(BIN)/dfineseg data check data=$(DEMO_DATA)/data.yaml
 	$(BIN)/dfineseg train --config configs/demo.yaml name=demo exist_ok=true $(ARGS)
-	$(BIN)/dfineseg export weights=$(DEMO_RUN)/best.pt data=$(DEMO_DATA)/data.yaml format=onnx,openvino
+	@# FP16 parity is judged against PyTorch's own noise floor; should it still fail on a briefly trained
+	@# model, the demo goes on with the FP32 artefacts (the message above says which check failed).
+	$(BIN)/dfineseg export weights=$(DEMO_RUN)/best.pt data=$(DEMO_DATA)/data.yaml format=onnx,openvino half=true \
+	  || { echo "demo: FP16 export failed its parity check; exporting FP32 only"; \
+	       $(BIN)/dfineseg export weights=$(DEMO_RUN)/best.pt data=$(DEMO_DATA)/data.yaml format=onnx,openvino; }
 	@# INT8 is accuracy-controlled: on a briefly trained model it may miss its F1 budget. That is reported
 	@# (and the bench shows the row as failed) without stopping the rest of the demo.
 	$(BIN)/dfineseg export weights=$(DEMO_RUN)/best.pt data=$(DEMO_DATA)/data.yaml format=openvino int8=true \
@@ -38,7 +42,7 @@ demo: demo-data
 	  || echo "demo: INT8 export did not pass its accuracy check (message above); continuing without it"
 	$(MAKE) --no-print-directory infer
 	$(BIN)/dfineseg bench weights=$(DEMO_RUN)/best.pt data=$(DEMO_DATA)/data.yaml out=$(DEMO_RUN)/bench \
-	  formats=torch,onnx,ov-fp32,ov-int8,trt-fp16
+	  formats=torch,onnx,onnx-fp16,ov-fp32,ov-fp16,ov-int8,trt-fp16
 	@echo "demo finished: see $(DEMO_RUN)/ (results.csv, results.png, infer/, bench/bench.md)"
 
 train: setup

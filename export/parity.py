@@ -22,6 +22,18 @@ Checks, each reported with its measured value and its limit (a failure names the
 
 Tolerances per precision are in `TOLERANCES`; INT8 is judged by the F1 drop only (its raw outputs
 differ by design), the other numbers are reported for it.
+
+FP16 limits also have a noise floor: a model's answers move when its input moves, and a weak model's
+move a lot. PyTorch itself is run again on the same images with uniform input noise (`NOISE_DRAWS`
+draws), each check compares those runs with the first, and the FP16 artefact may deviate by up to
+`NOISE_FLOOR_FACTOR` times the largest such deviation. The arithmetic checks (``raw``, ``outputs``) use
+noise of FP16's own input resolution (`ARITH_NOISE`, 2^-12: an FP16 graph cannot tell finer inputs
+apart); the decision checks (``detections``, ``f1``: whether a detection clears the threshold or its
+mask clears IoU 0.5 with the ground truth is a step function of tiny deviations) use half an 8-bit level
+(`DECISION_NOISE`, the precision the image arrived in). On a well-trained model the floors are ~0 and
+change nothing; on a weak one (measured: the 60-step test fixture, where 1e-4 of input noise moves
+scores by 0.013 and the F1 over 14 detections moves by 0.04-0.09 when one or two cross the threshold)
+they keep the checks from failing on what no arithmetic could preserve. Each check reports its floor.
 """
 
 from __future__ import annotations
@@ -56,12 +68,17 @@ class Tolerance:
     f1: float  # allowed F1 change (absolute for fp32/fp16, a drop for int8)
     geometry: bool = True  # judge the matched detections (box/mask IoU)
     one_sided_f1: bool = False  # only a drop counts (int8: an F1 gain is no failure)
+    noise_floor: bool = False  # limits grow to NOISE_FLOOR_FACTOR x PyTorch's own input sensitivity
 
 
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(raw=1e-4, f1=0.001),
-    "fp16": Tolerance(raw=1e-2, f1=0.003),
+    "fp16": Tolerance(raw=1e-2, f1=0.003, noise_floor=True),
 }
+ARITH_NOISE = 2.0**-12  # FP16 resolution of an input in [0.5, 1), in the model's [0, 1] input units
+DECISION_NOISE = 0.5 / 255  # half an 8-bit level: the precision the image arrived in
+NOISE_FLOOR_FACTOR = 2.0
+NOISE_DRAWS = 3  # the floor is the largest deviation over this many noise draws
 
 
 def int8_tolerance(max_drop: float) -> Tolerance:
@@ -153,6 +170,15 @@ class Reference:
     detections: list[Detections]  # on all images, at data.conf
     f1: dict[str, float] | None
     seconds: float
+    # PyTorch again on perturbed input: perturb(amplitude, seed); run on first use, kept per amplitude
+    perturb: Callable[[float, int], Reference] | None = field(default=None, repr=False)
+    _perturbed: dict[float, list[Reference]] = field(default_factory=dict, repr=False)
+
+    def perturbed(self, amplitude: float) -> list[Reference]:
+        if amplitude not in self._perturbed:
+            perturb = self.perturb
+            self._perturbed[amplitude] = [perturb(amplitude, seed) for seed in range(NOISE_DRAWS)] if perturb else []
+        return self._perturbed[amplitude]
 
 
 def torch_forward(module: Any, names: Sequence[str]) -> Forward:
@@ -175,15 +201,33 @@ def f1_of(detections: Sequence[Detections], data: ParityData) -> dict[str, float
     return {k: float(v) for k, v in m.items()}
 
 
-def torch_reference(deploy: Any, raw_module: Any | None, data: ParityData, output_names: Sequence[str]) -> Reference:
+def perturbed_input(forward: Forward, amplitude: float, seed: int = 0) -> Forward:
+    """`forward` on its input plus uniform noise in [-amplitude, amplitude], the same for the same shape and seed."""
+
+    def noisy(batch: np.ndarray) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([seed, *batch.shape])
+        noise = rng.uniform(-amplitude, amplitude, size=batch.shape).astype(batch.dtype)
+        return forward(batch + noise)
+
+    return noisy
+
+
+def torch_reference(
+    deploy: Any, raw_module: Any | None, data: ParityData, output_names: Sequence[str], amplitude: float = 0.0,
+    seed: int = 0,
+) -> Reference:
     t0 = time.perf_counter()
     fwd = torch_forward(deploy, output_names)
+    raw_fwd = torch_forward(raw_module, RAW_NAMES) if raw_module is not None else None
+    if amplitude:
+        fwd = perturbed_input(fwd, amplitude, seed)
+        raw_fwd = perturbed_input(raw_fwd, amplitude, seed) if raw_fwd is not None else None
     outputs, metas = collect_outputs(fwd, data.raw_images, data, None)
-    raw = None
-    if raw_module is not None:
-        raw, _ = collect_outputs(torch_forward(raw_module, RAW_NAMES), data.raw_images, data, None)
+    raw = collect_outputs(raw_fwd, data.raw_images, data, None)[0] if raw_fwd is not None else None
     dets = detections_for(fwd, data, None)
-    return Reference(outputs, metas, raw, dets, f1_of(dets, data), time.perf_counter() - t0)
+    perturb = None if amplitude else (
+        lambda noise, draw: torch_reference(deploy, raw_module, data, output_names, noise, draw))
+    return Reference(outputs, metas, raw, dets, f1_of(dets, data), time.perf_counter() - t0, perturb)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -390,6 +434,37 @@ def check_f1(ref: dict[str, float] | None, got: dict[str, float] | None, tol: To
     return Check("f1", value, tol.f1, value <= tol.f1 + 1e-12, True, detail)
 
 
+def apply_noise_floor(checks: list[Check], ref: Reference, data: ParityData, tol: Tolerance) -> None:
+    """Raise each judged limit to NOISE_FLOOR_FACTOR x the same check run on PyTorch vs perturbed PyTorch
+    (the largest value over the noise draws; see the module docstring for the two noise levels)."""
+    n_raw = len(data.raw_images)
+    topk = int(ref.outputs["scores"].shape[1])
+    floors: dict[str, float] = {}
+    for noisy in ref.perturbed(ARITH_NOISE):
+        draw = [check_outputs(ref.outputs, noisy.outputs, tol)]
+        if ref.raw is not None and noisy.raw is not None:
+            draw.append(check_raw(ref.raw, noisy.raw, tol, topk))
+        for c in draw:
+            if c.value is not None:
+                floors[c.name] = max(floors.get(c.name, 0.0), c.value)
+    for noisy in ref.perturbed(DECISION_NOISE):
+        draw = [
+            check_detections(ref.detections[:n_raw], noisy.detections[:n_raw], data.conf, tol),
+            check_f1(ref.f1, noisy.f1, tol),
+        ]
+        for c in draw:
+            if c.value is not None:
+                floors[c.name] = max(floors.get(c.name, 0.0), c.value)
+    for check in checks:
+        floor = floors.get(check.name)
+        if floor is None or check.value is None or check.limit is None or not check.judged:
+            continue
+        check.detail["noise_floor"] = floor
+        check.detail["fixed_limit"] = check.limit
+        check.limit = max(check.limit, NOISE_FLOOR_FACTOR * floor)
+        check.passed = check.value <= check.limit + 1e-12
+
+
 # ------------------------------------------------------------------------------------------ driver
 @dataclass
 class ParityReport:
@@ -463,6 +538,8 @@ def run_parity(
     if fixed_batch is None and len(data.raw_images) > 1:
         checks.append(check_dynamic_batch(forward, data, tol))
     checks.append(check_f1(ref.f1, f1_of(got_dets, data), tol))
+    if tol.noise_floor:
+        apply_noise_floor(checks, ref, data, tol)
     report = ParityReport(
         artefact=str(artefact),
         precision=precision,

@@ -203,3 +203,61 @@ def test_export_command_with_tensorrt_fails_up_front_saying_why(tmp_path):
     with pytest.raises(UserError, match="TensorRT export is not possible here"):
         export_model(weights, cfg, say=None)
     assert not list(tmp_path.glob("*.onnx")), "nothing is exported when a requested format cannot be made"
+
+
+def _region_graph() -> onnx.ModelProto:
+    """images -> Conv (backbone) -> Relu, Add (decoder) -> Mul (tail) -> out; the Conv output also feeds
+    two LayerNorms, which each want it in float32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((1, 4, 1, 1)).astype(np.float32), "bias"),
+        numpy_helper.from_array(np.ones(8, np.float32), "gamma"),
+        numpy_helper.from_array(np.full((1,), 1.5, np.float32), "scale"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["images", "w"], ["feat"], name="/backbone/conv/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("LayerNormalization", ["feat", "gamma"], ["ln1"], name="/encoder/ln1", axis=-1),
+        helper.make_node("LayerNormalization", ["feat", "gamma"], ["ln2"], name="/encoder/ln2", axis=-1),
+        helper.make_node("Add", ["ln1", "ln2"], ["enc"], name="/encoder/Add"),
+        helper.make_node("Relu", ["enc"], ["r"], name="/decoder/Relu"),
+        helper.make_node("Add", ["r", "bias"], ["d"], name="/decoder/Add"),
+        helper.make_node("Mul", ["d", "scale"], ["out"], name="/Mul"),
+    ]
+    graph = helper.make_graph(
+        nodes, "region", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 8, 8])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_fp16_keeps_a_named_region_and_everything_after_it_in_float32(tmp_path):
+    fp32 = _region_graph()
+    fp16 = convert_to_fp16(fp32, keep_fp32_names=(r"(^|/)decoder/",))
+    by_name = {n.name: n for n in fp16.graph.node}
+    producers = {o: n for n in fp16.graph.node for o in n.output}
+    weights = {t.name: t.data_type for t in fp16.graph.initializer}
+    assert weights["w"] == onnx.TensorProto.FLOAT16  # the backbone computes in float16
+    assert weights["bias"] == weights["scale"] == weights["gamma"] == onnx.TensorProto.FLOAT
+    # The decoder's input is cast to float32 once; inside the region and after it, no more casts.
+    relu_src = producers[by_name["/decoder/Relu"].input[0]]
+    assert relu_src.op_type == "Cast" and relu_src.attribute[0].i == onnx.TensorProto.FLOAT
+    assert by_name["/decoder/Add"].input[0] == "r" and by_name["/Mul"].input[0] == "d"
+    assert producers["out"].name == "/Mul"  # already float32: no cast at the output
+    # Both LayerNorms read one shared float32 copy of the float16 feature map.
+    ln_inputs = {by_name["/encoder/ln1"].input[0], by_name["/encoder/ln2"].input[0]}
+    assert len(ln_inputs) == 1 and producers[ln_inputs.pop()].op_type == "Cast"
+    casts = [n for n in fp16.graph.node if n.op_type == "Cast"]
+    # images->16, feat->32 (shared by both LayerNorms), ln1->16, ln2->16, and enc->32 into the decoder
+    assert len(casts) == 5, [(c.input[0], c.output[0]) for c in casts]
+
+    onnx.save(fp32, str(tmp_path / "a.onnx"))
+    onnx.save(fp16, str(tmp_path / "b.onnx"))
+    x = np.random.default_rng(1).random((1, 3, 8, 8), dtype=np.float32)
+    a, b = _run(tmp_path / "a.onnx", images=x)[0], _run(tmp_path / "b.onnx", images=x)[0]
+    assert b.dtype == np.float32 and np.abs(a - b).max() <= 2e-2 * max(1.0, float(np.abs(a).max()))
+    # Without the region everything after the Conv runs in float16 and the output gets its cast back.
+    plain = convert_to_fp16(fp32)
+    assert {n.name for n in plain.graph.node if n.op_type == "Cast" and n.output[0] == "out"}
