@@ -153,6 +153,12 @@ class LossConfig(Section):
     match_dice: float = 1.0
     match_alpha: float = 0.25
     match_gamma: float = 2.0
+    # Point-sampled masks (dfineseg/loss/mask_points.py); 0 = every pixel (full-map matching costs; the
+    # whole GT-box ROI in the losses).
+    mask_points: int = Field(12544, ge=0, description="points per instance inside its box ROI for the mask losses")
+    mask_oversample: float = Field(3.0, ge=1.0, description="candidates per point for importance sampling")
+    mask_importance: float = Field(0.75, ge=0.0, le=1.0, description="share of points picked by uncertainty")
+    match_points: int = Field(12544, ge=0, description="pixels per image for the matcher's mask costs")
     # Stable-DINO (seed 004, sections 2.2-2.3); off by default.
     position_supervised_cls: bool = False
     position_modulated_cost: bool = False

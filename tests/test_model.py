@@ -36,17 +36,22 @@ def test_training_outputs_follow_the_dfine_layout(tiny_seg: DFINESeg) -> None:
     assert out["pred_boxes"].shape == (2, q, 4)
     assert out["pred_corners"].shape == (2, q, bins)
     assert out["ref_points"].shape == (2, q, 4)
-    assert out["pred_masks"].shape == (2, q, h // 4, w // 4)
+    # Training carries mask embeddings + the shared pixel features, not [B,Q,h,w] logits per layer.
+    assert "pred_masks" not in out
+    assert out["mask_embed"].shape == (2, q, 64)
+    assert out["mask_pixels"].shape == (2, 64, h // 4, w // 4)
     assert float(out["up"]) == 0.5 and float(out["reg_scale"]) == 4.0
     assert len(out["aux_outputs"]) == 1  # 2 decoder layers -> 1 auxiliary
     aux = out["aux_outputs"][0]
     assert set(aux) == {"pred_logits", "pred_boxes", "pred_corners", "ref_points", "teacher_corners",
-                        "teacher_logits", "pred_masks"}
+                        "teacher_logits", "mask_embed", "mask_pixels"}
+    assert aux["mask_pixels"] is out["mask_pixels"]
     assert torch.equal(aux["teacher_corners"], out["pred_corners"])
     assert torch.equal(aux["teacher_logits"], out["pred_logits"])
-    assert set(out["pre_outputs"]) == {"pred_logits", "pred_boxes", "pred_masks"}
+    # Masks are not supervised on pre/encoder/dn_pre outputs, so they carry none.
+    assert set(out["pre_outputs"]) == {"pred_logits", "pred_boxes"}
     assert out["enc_aux_outputs"][0]["pred_logits"].shape == (2, q, c)
-    assert out["enc_aux_outputs"][0]["pred_masks"].shape == (2, q, h // 4, w // 4)
+    assert set(out["enc_aux_outputs"][0]) == {"pred_logits", "pred_boxes"}
     assert out["enc_meta"] == {"class_agnostic": False}
     # Denoising: max 3 GT -> 20 // 3 = 6 groups of 3 positives + 3 negatives.
     meta = out["dn_meta"]
@@ -54,7 +59,8 @@ def test_training_outputs_follow_the_dfine_layout(tiny_seg: DFINESeg) -> None:
     assert len(meta["dn_positive_idx"]) == 2 and meta["dn_positive_idx"][1].numel() == 0
     assert meta["dn_positive_idx"][0].tolist()[:4] == [0, 1, 2, 6]
     assert len(out["dn_outputs"]) == 2
-    assert out["dn_outputs"][-1]["pred_masks"].shape == (2, 36, h // 4, w // 4)
+    assert out["dn_outputs"][-1]["mask_embed"].shape == (2, 36, 64)
+    assert "mask_embed" not in out["dn_pre_outputs"]
     assert out["dn_pre_outputs"]["pred_boxes"].shape == (2, 36, 4)
     boxes = out["pred_boxes"]
     assert torch.isfinite(boxes).all() and (boxes[..., 2:] >= 0).all()
@@ -77,7 +83,7 @@ def test_gradients_reach_every_trainable_parameter(tiny_seg: DFINESeg) -> None:
     out = model(torch.rand(2, 3, 64, 96), _targets([2, 1], 3))
 
     def tensors(d: dict) -> list[torch.Tensor]:
-        return [v for k, v in d.items() if k.startswith("pred_") and isinstance(v, torch.Tensor)]
+        return [v for k, v in d.items() if k.startswith(("pred_", "mask_")) and isinstance(v, torch.Tensor)]
 
     terms = tensors(out) + tensors(out["pre_outputs"]) + tensors(out["dn_pre_outputs"])
     for group in ("aux_outputs", "enc_aux_outputs", "dn_outputs"):
@@ -112,6 +118,32 @@ def test_eval_outputs_and_deploy_model_contract(tiny_seg: DFINESeg) -> None:
     want_masks = out["pred_masks"].gather(1, idx[:, :, None, None].expand(-1, -1, 24, 40))
     torch.testing.assert_close(masks, want_masks, atol=1e-5, rtol=1e-4)
     assert (scores[:, :-1] >= scores[:, 1:]).all()
+
+
+def test_training_embeddings_reproduce_the_eval_mask_logits(tiny_seg: DFINESeg) -> None:
+    """The training forward's embedding . pixel product is exactly the eval/deploy mask logits: same weights,
+    same input, BatchNorm frozen in both (eval statistics) so only the output format differs."""
+    model = tiny_seg
+    x = torch.rand(2, 3, 64, 96)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)["pred_masks"]
+        # The eval forward before training stopped building full maps: every layer's logits, the last kept.
+        hidden = model.decoder(model.features(x)[0])[1]["hidden"]
+        before = model.mask_head.mask_logits(hidden, model.mask_head.pixel_features(model.features(x)[1]))[-1]
+    torch.testing.assert_close(want, before, rtol=0, atol=0)
+    model.train()
+    for m in model.modules():  # BatchNorm in eval mode: the same normalisation as the eval forward
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        model.eval()
+    b, c, h, w = out["mask_pixels"].shape
+    got = (out["mask_embed"] @ out["mask_pixels"].reshape(b, c, h * w)).reshape(b, -1, h, w)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_detect_model_has_no_mask_head_and_deploys_three_outputs() -> None:

@@ -11,7 +11,9 @@ Terms (weights from `LossConfig`, the papers' values by default):
   the teacher being the last decoder layer; weighted by IoU for matched queries and the teacher's max
   class probability for the rest; the matched and unmatched means are mixed by sqrt counts.
 - masks (segment): BCE inside the GT box's ROI normalised by the ROI's pixel count, and dice inside the
-  ROI, both averaged over matched instances that have a mask (D-FINE-seg section 3.3).
+  ROI, both averaged over matched instances that have a mask (D-FINE-seg section 3.3). Evaluated at points
+  inside the ROI (`loss.mask_points`, see dfineseg/loss/mask_points.py for the sampling and why it keeps
+  that semantics); an ROI with at most that many pixels (every ROI when it is 0) is evaluated exactly.
 
 Which matches feed which term follows the official code: classification and masks use each output's own
 Hungarian matches; boxes and FGL/DDF use the GO-LSD union over final, auxiliary, pre and encoder matches;
@@ -35,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dfineseg.loss.box_ops import box_convert, elementwise_giou
+from dfineseg.loss.mask_points import MaskSource, roi_bounds, roi_points
 from dfineseg.loss.matcher import HungarianMatcher, Indices, downsample_masks, union_of_matches
 
 LOSS_NAMES = (
@@ -60,13 +63,16 @@ def _world_mean(value: float, device: torch.device) -> float:
     return max(float(t.item()), 1.0)
 
 
+_MASK_KEYS = ("pred_masks", "mask_embed", "mask_pixels")
+
+
 def _to_fp32(obj: Any) -> Any:
-    """Floating tensors -> float32, except `pred_masks`: casting every layer's [B,Q,H/4,W/4] maps would
-    cost gigabytes, so mask logits are cast only where used (matched rows, one image in the matcher)."""
+    """Floating tensors -> float32, except the mask tensors: casting every layer's [B,Q,H/4,W/4] maps (or
+    one copy of the shared pixel features per layer) would be wasted, so `MaskSource` casts what it uses."""
     if isinstance(obj, torch.Tensor):
         return obj.float() if obj.is_floating_point() else obj
     if isinstance(obj, dict):
-        return {k: (v if k == "pred_masks" else _to_fp32(v)) for k, v in obj.items()}
+        return {k: (v if k in _MASK_KEYS else _to_fp32(v)) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return type(obj)(_to_fp32(v) for v in obj)
     return obj
@@ -78,7 +84,7 @@ def _per_edge(x: torch.Tensor) -> torch.Tensor:
 
 
 def _no_masks(out: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in out.items() if k != "pred_masks"}
+    return {k: v for k, v in out.items() if k not in _MASK_KEYS}
 
 
 def _paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -274,6 +280,27 @@ def mask_losses(
     return bce.mean(), dice.mean()
 
 
+def point_mask_losses(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, roi_area: torch.Tensor, dice_eps: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mask_losses` from points inside each ROI: logits/target/valid [M,K], roi_area [M] pixels.
+
+    BCE = mean over the valid points; dice sums are scaled by ROI pixels / valid points (1 when the points
+    are the whole ROI, which makes both terms equal to `mask_losses` on the full map)."""
+    if logits.shape[0] == 0:
+        zero = logits.sum() * 0
+        return zero, zero
+    v = valid.to(logits.dtype)
+    count = v.sum(1).clamp(min=1)
+    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * v).sum(1) / count
+    scale = roi_area.to(logits.dtype) / count
+    prob = logits.sigmoid() * v
+    tgt = target * v
+    inter = (prob * tgt).sum(1) * scale
+    dice = 1 - (2 * inter + dice_eps) / ((prob.sum(1) + tgt.sum(1)) * scale + dice_eps)
+    return bce.mean(), dice.mean()
+
+
 # ------------------------------------------------------------------ the criterion
 class DFINESegCriterion(nn.Module):
     def __init__(
@@ -286,6 +313,9 @@ class DFINESegCriterion(nn.Module):
         task: str = "segment",
         position_supervised: bool = False,
         ddf_temperature: float = 5.0,
+        mask_points: int = 12544,
+        mask_oversample: float = 3.0,
+        mask_importance: float = 0.75,
     ) -> None:
         super().__init__()
         if task not in ("segment", "detect"):
@@ -308,6 +338,14 @@ class DFINESegCriterion(nn.Module):
         self.task = task
         self.position_supervised = position_supervised
         self.ddf_temperature = ddf_temperature
+        if mask_oversample < 1 or not 0 <= mask_importance <= 1:
+            raise ValueError(
+                f"loss.mask_oversample must be >= 1 and loss.mask_importance in [0, 1], got "
+                f"{mask_oversample} and {mask_importance}"
+            )
+        self.mask_points = mask_points
+        self.mask_oversample = mask_oversample
+        self.mask_importance = mask_importance
 
     # ---------------------------------------------------------- entry point
     def forward(self, outputs: dict[str, Any], targets: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -334,7 +372,7 @@ class DFINESegCriterion(nn.Module):
         )
         up, reg_scale = outputs.get("up"), outputs.get("reg_scale")
 
-        mask_size = tuple(main["pred_masks"].shape[-2:]) if self._segment(main) else None
+        mask_size = MaskSource(main).size if self._segment(main) else None
         tgts = self._prepare_targets(targets, device, mask_size, counter)
         agnostic = bool((outputs.get("enc_meta") or {}).get("class_agnostic", False))
         enc_tgts = [{**t, "labels": torch.zeros_like(t["labels"])} for t in tgts] if agnostic else tgts
@@ -379,7 +417,7 @@ class DFINESegCriterion(nn.Module):
 
     # ---------------------------------------------------------- per-output terms
     def _segment(self, out: dict[str, Any]) -> bool:
-        return self.task == "segment" and out.get("pred_masks") is not None
+        return self.task == "segment" and MaskSource.present(out)
 
     def _terms(
         self, out, tgts, cls_idx: Indices, box_idx: Indices, num_cls: float, num_box: float, ctx, suffix: str
@@ -446,7 +484,7 @@ class DFINESegCriterion(nn.Module):
     def _masks(
         self, out, tgts, cls_idx: Indices, counter: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        pred = out["pred_masks"]
+        src = MaskSource(out)
         logits, target, boxes = [], [], []
         for b, (t, (q, g)) in enumerate(zip(tgts, cls_idx)):
             if t.get("masks_lowres") is None or len(q) == 0:
@@ -455,22 +493,27 @@ class DFINESegCriterion(nn.Module):
             q, g = q[keep], g[keep]
             if len(q) == 0:
                 continue
-            rows = pred[b, q.to(pred.device)].float()
+            rows = src.rows(b, q)
             finite = torch.isfinite(rows)
-            counter.append((~finite.flatten(1).all(-1)).sum())
+            counter.append((~finite.all(-1)).sum())
             logits.append(torch.where(finite, rows, torch.zeros_like(rows)))
-            target.append(t["masks_lowres"][g.to(t["masks_lowres"].device)].to(pred.device))
-            boxes.append(t["boxes"][g.to(t["boxes"].device)].to(pred.device))
+            target.append(t["masks_lowres"][g.to(t["masks_lowres"].device)].to(rows.device).flatten(1))
+            boxes.append(t["boxes"][g.to(t["boxes"].device)].to(rows.device))
         if not logits:
-            zero = pred.sum() * 0
+            zero = src.zero()
             return zero, zero
-        return mask_losses(torch.cat(logits), torch.cat(target), torch.cat(boxes))
+        rows, tgt = torch.cat(logits), torch.cat(target)
+        bounds = roi_bounds(torch.cat(boxes), src.size)
+        idx, valid, area = roi_points(
+            rows, bounds, src.size[1], self.mask_points, self.mask_oversample, self.mask_importance
+        )
+        return point_mask_losses(rows.gather(1, idx), tgt.gather(1, idx), valid, area)
 
     # ---------------------------------------------------------- inputs
     def _sanitize(self, out: dict[str, Any], counter: list[torch.Tensor]) -> dict[str, Any]:
         """Copy of an output dict with non-finite values zeroed; counts the affected queries.
 
-        No host sync. `pred_masks` is neither copied nor scanned here (that would cost more than the loss at
+        No host sync. Mask tensors are neither copied nor scanned here (that would cost more than the loss at
         640x640): the matcher caps non-finite costs and `_masks` repairs and counts the matched rows.
         """
         res = dict(out)
@@ -565,6 +608,9 @@ def build_criterion(loss_cfg: Any, num_classes: int, task: str = "segment") -> D
         gamma=loss_cfg.focal_gamma,
         task=task,
         position_supervised=loss_cfg.position_supervised_cls,
+        mask_points=loss_cfg.mask_points,
+        mask_oversample=loss_cfg.mask_oversample,
+        mask_importance=loss_cfg.mask_importance,
     )
 
 

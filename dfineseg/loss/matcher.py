@@ -5,9 +5,11 @@ Cost per (query, GT) pair, each term weighted from `LossConfig.match_*`:
   it is evaluated on p * ((GIoU + 1) / 2) ** 0.5 instead of p (seed 004, eq. 4);
 - L1 between cxcywh boxes, and -GIoU;
 - segment only, for GTs that have a mask: sigmoid focal mask cost averaged over mask pixels, and 1 - dice,
-  both over the full map at mask-head resolution (D-FINE-seg section 3.4).
+  both at mask-head resolution (D-FINE-seg section 3.4), over `points` pixels per image drawn uniformly
+  and shared by all queries and GTs (`loss.match_points`; 0, or at least the map's pixel count, uses the
+  full map as the paper does). See dfineseg/loss/mask_points.py.
 
-The mask costs are matrix products over the P = Hm*Wm pixels ([Q,P] x [P,G]), so memory is O((Q+G)*P),
+The mask costs are matrix products over the P sampled pixels ([Q,P] x [P,G]), so memory is O((Q+G)*P),
 never Q*G*P. GT masks are brought to mask-head resolution once per image by `downsample_masks` (area
 averaging: each low-resolution pixel holds the covered fraction, a soft target); the criterion does that
 once per step and passes `masks_lowres` in the targets so the several matcher calls share it.
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from dfineseg.loss.box_ops import box_convert, generalized_box_iou
+from dfineseg.loss.mask_points import MaskSource, matcher_points
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -51,13 +54,16 @@ def focal_class_cost(prob: torch.Tensor, alpha: float, gamma: float) -> torch.Te
 def mask_focal_cost(logits: torch.Tensor, target: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
     """Pairwise sigmoid focal cost [Q,P] logits x [G,P] soft targets -> [Q,G], mean over pixels.
 
-    sum_p pos*t + neg*(1-t) = (pos - neg) @ t + sum_p neg: one matrix product.
+    sum_p pos*t + neg*(1-t) = (pos - neg) @ t + sum_p neg: one matrix product. A matching cost: computes
+    in place on its temporaries, so it is not differentiable (the matcher runs under no_grad).
     """
     prob = logits.sigmoid()
     softplus = F.softplus(logits)  # -log(1 - p); -log(p) = softplus - logits
-    pos = alpha * (1 - prob).pow(gamma) * (softplus - logits)
-    neg = (1 - alpha) * prob.pow(gamma) * softplus
-    return ((pos - neg) @ target.T + neg.sum(-1, keepdim=True)) / max(logits.shape[1], 1)
+    # In place where possible: at 640 px this runs on [300, 12544] per image and layer, and each fresh
+    # temporary costs as much as the arithmetic (measured 89 -> 61 ms per call on one core).
+    pos = (1 - prob).pow_(gamma).mul_(softplus - logits).mul_(alpha)
+    neg = prob.pow_(gamma).mul_(softplus).mul_(1 - alpha)
+    return (pos.sub_(neg) @ target.T + neg.sum(-1, keepdim=True)) / max(logits.shape[1], 1)
 
 
 def mask_dice_cost(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -82,6 +88,7 @@ class HungarianMatcher(nn.Module):
         gamma: float = 2.0,
         position_modulated: bool = False,
         use_masks: bool = True,
+        points: int = 12544,
     ) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
@@ -95,6 +102,7 @@ class HungarianMatcher(nn.Module):
         self.gamma = gamma
         self.position_modulated = position_modulated
         self.use_masks = use_masks
+        self.points = points
 
     @classmethod
     def from_config(cls, loss_cfg: Any, task: str = "segment") -> HungarianMatcher:
@@ -108,6 +116,7 @@ class HungarianMatcher(nn.Module):
             gamma=loss_cfg.match_gamma,
             position_modulated=loss_cfg.position_modulated_cost,
             use_masks=task == "segment",
+            points=loss_cfg.match_points,
         )
 
     @torch.no_grad()
@@ -115,7 +124,7 @@ class HungarianMatcher(nn.Module):
         """Per image the [Q, G_b] float32 cost matrix (finite: NaN/inf are capped)."""
         logits = outputs["pred_logits"].detach().float()
         boxes = outputs["pred_boxes"].detach().float()
-        masks = outputs.get("pred_masks") if self.use_masks else None
+        masks = MaskSource(outputs) if self.use_masks and MaskSource.present(outputs) else None
         costs = []
         for b, tgt in enumerate(targets):
             labels = tgt["labels"].to(logits.device)
@@ -134,23 +143,27 @@ class HungarianMatcher(nn.Module):
                 - self.cost_giou * giou
             )
             if masks is not None and (self.cost_mask or self.cost_dice):
-                cost = cost + self._mask_cost(masks[b].detach().float(), tgt)
+                cost = cost + self._mask_cost(masks, b, tgt)
             costs.append(torch.nan_to_num(cost, nan=_COST_CAP, posinf=_COST_CAP, neginf=-_COST_CAP))
         return costs
 
-    def _mask_cost(self, pred_masks: torch.Tensor, tgt: dict[str, Any]) -> torch.Tensor | float:
-        size = tuple(pred_masks.shape[-2:])
+    def _mask_cost(self, masks: MaskSource, b: int, tgt: dict[str, Any]) -> torch.Tensor | float:
+        size = masks.size
+        device = masks.device
         lowres = tgt.get("masks_lowres")
         if lowres is None:
             if tgt.get("masks") is None:
                 return 0.0
-            lowres = downsample_masks(tgt["masks"].to(pred_masks.device), size)
-        lowres = lowres.to(pred_masks.device, torch.float32)
+            lowres = downsample_masks(tgt["masks"].to(device), size)
+        lowres = lowres.to(device, torch.float32)
         if lowres.shape[0] == 0:
             return 0.0
         has_mask = tgt.get("has_mask")
-        logits = pred_masks.flatten(1)
+        idx = matcher_points(size, self.points, device)
+        logits = masks.at(b, idx).detach()
         target = lowres.flatten(1)
+        if idx is not None:
+            target = target[:, idx]
         cost = (
             self.cost_mask * mask_focal_cost(logits, target, self.alpha, self.gamma)
             if self.cost_mask
@@ -160,7 +173,7 @@ class HungarianMatcher(nn.Module):
             cost = cost + self.cost_dice * mask_dice_cost(logits, target)
         if has_mask is not None:
             # Box-only instances are matched on class and box costs alone.
-            cost = cost * has_mask.to(pred_masks.device, torch.float32)[None, :]
+            cost = cost * has_mask.to(device, torch.float32)[None, :]
         return cost
 
     @torch.no_grad()

@@ -116,21 +116,22 @@ class DFINESeg(nn.Module):
         if mask_in is None:
             return out
         pixels = self.mask_head.pixel_features(mask_in)
-        layer_masks = self.mask_head.mask_logits(extras["hidden"], pixels)  # [L',B,Q,h,w]
-        out["pred_masks"] = layer_masks[-1]
         if not self.training:
+            out["pred_masks"] = self.mask_head.mask_logits(extras["hidden"][-1], pixels)
             return out
+        # Training never builds [B,Q,H/4,W/4] logits for every layer: each supervised output carries its
+        # query embeddings and the shared pixel features, and the matcher and the mask losses evaluate
+        # logits = embedding . pixel feature only for the queries and pixels they use
+        # (dfineseg/loss/mask_points.py). pre (= layer 0), encoder and dn_pre outputs get no masks: the
+        # criterion supervises masks on the final, auxiliary and denoising layers only.
+        embeds = self.mask_head.scaled_embedding(extras["hidden"])  # [L',B,Q,C]
+        out["mask_embed"], out["mask_pixels"] = embeds[-1], pixels
         for i, aux in enumerate(out.get("aux_outputs", [])):
-            aux["pred_masks"] = layer_masks[i]
-        # The pre-box head reads layer 0's states, so its masks are layer 0's masks.
-        out["pre_outputs"]["pred_masks"] = layer_masks[0]
-        if "enc_memory" in extras:
-            out["enc_aux_outputs"][0]["pred_masks"] = self.mask_head.mask_logits(extras["enc_memory"], pixels)
+            aux["mask_embed"], aux["mask_pixels"] = embeds[i], pixels
         if "dn_hidden" in extras:
-            dn_masks = self.mask_head.mask_logits(extras["dn_hidden"], pixels)
+            dn_embeds = self.mask_head.scaled_embedding(extras["dn_hidden"])
             for i, dn in enumerate(out["dn_outputs"]):
-                dn["pred_masks"] = dn_masks[i]
-            out["dn_pre_outputs"]["pred_masks"] = dn_masks[0]
+                dn["mask_embed"], dn["mask_pixels"] = dn_embeds[i], pixels
         return out
 
 

@@ -70,6 +70,11 @@ class MaskHead(nn.Module):
     def query_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear_stack_forward(self.embed, hidden)
 
+    def scaled_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., Q, D] query states -> [..., Q, mask_channels] embeddings such that a mask logit is
+        `scaled_embedding . pixel feature` (training evaluates that only at the pixels its losses use)."""
+        return self.query_embedding(hidden) * self.mask_channels ** -0.5
+
     def mask_logits(self, hidden: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         """hidden [..., B, Q, D] query states, pixels [B, C, h, w] -> [..., B, Q, h, w]."""
         emb = self.query_embedding(hidden) * self.mask_channels ** -0.5
