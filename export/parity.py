@@ -439,22 +439,21 @@ def apply_noise_floor(checks: list[Check], ref: Reference, data: ParityData, tol
     (the largest value over the noise draws; see the module docstring for the two noise levels)."""
     n_raw = len(data.raw_images)
     topk = int(ref.outputs["scores"].shape[1])
+
+    def arithmetic(noisy: Reference) -> list[Check]:
+        raw = [check_raw(ref.raw, noisy.raw, tol, topk)] if ref.raw is not None and noisy.raw is not None else []
+        return [check_outputs(ref.outputs, noisy.outputs, tol), *raw]
+
+    def decisions(noisy: Reference) -> list[Check]:
+        return [check_detections(ref.detections[:n_raw], noisy.detections[:n_raw], data.conf, tol),
+                check_f1(ref.f1, noisy.f1, tol)]
+
     floors: dict[str, float] = {}
-    for noisy in ref.perturbed(ARITH_NOISE):
-        draw = [check_outputs(ref.outputs, noisy.outputs, tol)]
-        if ref.raw is not None and noisy.raw is not None:
-            draw.append(check_raw(ref.raw, noisy.raw, tol, topk))
-        for c in draw:
-            if c.value is not None:
-                floors[c.name] = max(floors.get(c.name, 0.0), c.value)
-    for noisy in ref.perturbed(DECISION_NOISE):
-        draw = [
-            check_detections(ref.detections[:n_raw], noisy.detections[:n_raw], data.conf, tol),
-            check_f1(ref.f1, noisy.f1, tol),
-        ]
-        for c in draw:
-            if c.value is not None:
-                floors[c.name] = max(floors.get(c.name, 0.0), c.value)
+    for amplitude, run_checks in ((ARITH_NOISE, arithmetic), (DECISION_NOISE, decisions)):
+        for noisy in ref.perturbed(amplitude):
+            for c in run_checks(noisy):
+                if c.value is not None:
+                    floors[c.name] = max(floors.get(c.name, 0.0), c.value)
     for check in checks:
         floor = floors.get(check.name)
         if floor is None or check.value is None or check.limit is None or not check.judged:

@@ -246,20 +246,13 @@ def ddf_loss(
 
 
 def roi_masks(boxes_cxcywh: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[M,4] normalised boxes -> bool [M,h,w]: the pixels a box touches (at least one pixel)."""
+    """[M,4] normalised boxes -> bool [M,h,w]: the pixels a box touches (at least one pixel; `roi_bounds`)."""
     h, w = size
-    x1 = (boxes_cxcywh[:, 0] - boxes_cxcywh[:, 2] / 2) * w
-    x2 = (boxes_cxcywh[:, 0] + boxes_cxcywh[:, 2] / 2) * w
-    y1 = (boxes_cxcywh[:, 1] - boxes_cxcywh[:, 3] / 2) * h
-    y2 = (boxes_cxcywh[:, 1] + boxes_cxcywh[:, 3] / 2) * h
-    ix1 = x1.floor().clamp(0, w - 1)
-    iy1 = y1.floor().clamp(0, h - 1)
-    ix2 = torch.maximum(x2.ceil().clamp(max=w), ix1 + 1)
-    iy2 = torch.maximum(y2.ceil().clamp(max=h), iy1 + 1)
-    xs = torch.arange(w, device=boxes_cxcywh.device, dtype=boxes_cxcywh.dtype)
-    ys = torch.arange(h, device=boxes_cxcywh.device, dtype=boxes_cxcywh.dtype)
-    inside_x = (xs[None] >= ix1[:, None]) & (xs[None] < ix2[:, None])
-    inside_y = (ys[None] >= iy1[:, None]) & (ys[None] < iy2[:, None])
+    x1, y1, x2, y2 = roi_bounds(boxes_cxcywh, size).unbind(-1)
+    xs = torch.arange(w, device=boxes_cxcywh.device)
+    ys = torch.arange(h, device=boxes_cxcywh.device)
+    inside_x = (xs[None] >= x1[:, None]) & (xs[None] < x2[:, None])
+    inside_y = (ys[None] >= y1[:, None]) & (ys[None] < y2[:, None])
     return inside_y[:, :, None] & inside_x[:, None, :]
 
 

@@ -88,7 +88,7 @@ def matcher_points(size: tuple[int, int], points: int, device: torch.device) -> 
 
 def roi_bounds(boxes_cxcywh: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[M,4] normalised cxcywh -> int64 [M,4] (x1, y1, x2, y2) of the pixels each box touches, at least one
-    pixel, x2/y2 exclusive: the same pixels as `criterion.roi_masks`."""
+    pixel, x2/y2 exclusive: the one ROI rule (`criterion.roi_masks` is its dense form)."""
     h, w = size
     cx, cy, bw, bh = boxes_cxcywh.float().unbind(-1)
     x1 = ((cx - bw / 2) * w).floor().clamp(0, w - 1)

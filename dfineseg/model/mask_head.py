@@ -77,7 +77,7 @@ class MaskHead(nn.Module):
 
     def mask_logits(self, hidden: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         """hidden [..., B, Q, D] query states, pixels [B, C, h, w] -> [..., B, Q, h, w]."""
-        emb = self.query_embedding(hidden) * self.mask_channels ** -0.5
+        emb = self.scaled_embedding(hidden)
         b, c, h, w = pixels.shape
         # A batched matmul rather than einsum: exports to one MatMul in ONNX.
         out = torch.matmul(emb, pixels.reshape(b, c, h * w))
