@@ -425,12 +425,36 @@ def check_dynamic_batch(forward: Forward, data: ParityData, tol: Tolerance) -> C
     return Check("dynamic_batch", diff, limit, diff <= limit, True, {"batch": len(batch)})
 
 
-def check_f1(ref: dict[str, float] | None, got: dict[str, float] | None, tol: Tolerance) -> Check:
+def check_f1(
+    ref: dict[str, float] | None,
+    got: dict[str, float] | None,
+    tol: Tolerance,
+    ref_dets: Sequence[Detections] | None = None,
+    got_dets: Sequence[Detections] | None = None,
+    data: ParityData | None = None,
+) -> Check:
+    """F1 change, PyTorch vs artefact. With the detections of both sides, the judged value is the smaller of
+    the plain change and the change once detections scoring within the score tolerance of the threshold are
+    set aside on both sides: the same borderline rule as the detections check. On 60 validation images one
+    detection at 0.499 vs 0.501 moves F1 by ~0.005, more than the FP16 limit, and says nothing about the
+    arithmetic (measured on N at 640; a real error moves detections away from the threshold too)."""
     if ref is None or got is None:
         return Check("f1", None, tol.f1, True, False, {"skipped": "no validation set with ground truth"})
     change = got["f1"] - ref["f1"]
     value = -change if tol.one_sided_f1 else abs(change)
-    detail = {"torch_f1": ref["f1"], "export_f1": got["f1"], "change": change}
+    detail: dict[str, Any] = {"torch_f1": ref["f1"], "export_f1": got["f1"], "change": change}
+    if tol.raw is not None and ref_dets is not None and got_dets is not None and data is not None:
+        band = float(tol.raw)
+
+        def outside_band(dets: Sequence[Detections]) -> list[Detections]:
+            return [d.filter(np.abs(d.scores.astype(np.float64) - data.conf) > band) for d in dets]
+
+        ref_out, got_out = f1_of(outside_band(ref_dets), data), f1_of(outside_band(got_dets), data)
+        if ref_out is not None and got_out is not None:
+            band_change = got_out["f1"] - ref_out["f1"]
+            detail["borderline_band"] = band
+            detail["change_outside_band"] = band_change
+            value = min(value, -band_change if tol.one_sided_f1 else abs(band_change))
     return Check("f1", value, tol.f1, value <= tol.f1 + 1e-12, True, detail)
 
 
@@ -446,7 +470,7 @@ def apply_noise_floor(checks: list[Check], ref: Reference, data: ParityData, tol
 
     def decisions(noisy: Reference) -> list[Check]:
         return [check_detections(ref.detections[:n_raw], noisy.detections[:n_raw], data.conf, tol),
-                check_f1(ref.f1, noisy.f1, tol)]
+                check_f1(ref.f1, noisy.f1, tol, ref.detections, noisy.detections, data)]
 
     floors: dict[str, float] = {}
     for amplitude, run_checks in ((ARITH_NOISE, arithmetic), (DECISION_NOISE, decisions)):
@@ -536,7 +560,7 @@ def run_parity(
     checks.append(check_detections(ref.detections[:n_raw], got_dets[:n_raw], data.conf, tol))
     if fixed_batch is None and len(data.raw_images) > 1:
         checks.append(check_dynamic_batch(forward, data, tol))
-    checks.append(check_f1(ref.f1, f1_of(got_dets, data), tol))
+    checks.append(check_f1(ref.f1, f1_of(got_dets, data), tol, ref.detections, got_dets, data))
     if tol.noise_floor:
         apply_noise_floor(checks, ref, data, tol)
     report = ParityReport(

@@ -261,3 +261,33 @@ def test_fp16_keeps_a_named_region_and_everything_after_it_in_float32(tmp_path):
     # Without the region everything after the Conv runs in float16 and the output gets its cast back.
     plain = convert_to_fp16(fp32)
     assert {n.name for n in plain.graph.node if n.op_type == "Cast" and n.output[0] == "out"}
+
+
+def test_f1_check_sets_threshold_borderline_detections_aside_but_not_real_changes():
+    from dfineseg.export.parity import TOLERANCES, ParityData, check_f1, f1_of
+    from dfineseg.infer.detections import Detections
+    from dfineseg.infer.metrics import GroundTruth
+
+    # 10 images, one object each; PyTorch finds 9 of them, one of which scores 0.505 (just above 0.5).
+    shape = (64, 64)
+    gt = [GroundTruth(np.array([[10, 10, 30, 30]], np.float32), np.array([0]), shape) for _ in range(10)]
+    data = ParityData(images=[np.zeros((*shape, 3), np.uint8)] * 10, ground_truth=gt, source="hand-made",
+                      imgsz=(64, 64), resize="stretch", task="detect", conf=0.5)
+
+    def dets(scores):
+        return [Detections(np.array([[10, 10, 30, 30]], np.float32), np.array([s], np.float32), np.array([0]), shape)
+                if s is not None else Detections.empty(shape) for s in scores]
+
+    torch_dets = dets([0.9] * 8 + [0.505, None])
+    tol = TOLERANCES["fp16"]  # score tolerance 0.01, F1 limit 0.003
+    # The artefact scores the borderline one 0.495: it drops below the threshold, F1 moves by ~0.06.
+    flipped = dets([0.9] * 8 + [0.495, None])
+    plain = check_f1(f1_of(torch_dets, data), f1_of(flipped, data), tol)
+    assert not plain.passed and plain.value > 0.05
+    judged = check_f1(f1_of(torch_dets, data), f1_of(flipped, data), tol, torch_dets, flipped, data)
+    assert judged.passed and judged.value == 0.0
+    assert judged.detail["change"] == pytest.approx(plain.detail["change"])
+    # A confident detection lost is a real change, whatever the borderline rule says.
+    lost = dets([0.9] * 7 + [None, 0.505, None])
+    check = check_f1(f1_of(torch_dets, data), f1_of(lost, data), tol, torch_dets, lost, data)
+    assert not check.passed and check.value > 0.05

@@ -56,17 +56,24 @@ class ModelEMA:
         self.updates += 1
         d = self.current_decay()
         source = unwrap(model).state_dict()
+        averaged: list[torch.Tensor] = []
+        incoming: list[torch.Tensor] = []
         for name, value in self.module.state_dict().items():
             new = source[name].detach()
             if new.shape != value.shape:
                 # Input-size-dependent caches (decoder anchors) are rebuilt by the model itself.
                 continue
             if value.dtype.is_floating_point and d > 0 and (name in self._params or bool(torch.isfinite(new).all())):
-                value.mul_(d).add_(new.to(value.dtype), alpha=1.0 - d)
+                averaged.append(value)
+                incoming.append(new.to(value.dtype))
             else:
                 # Counters, and buffers holding inf by design (decoder anchors mark invalid cells with inf:
                 # inf * 0 would turn them into NaN), follow the model exactly.
                 value.copy_(new)
+        if averaged:
+            # One multi-tensor kernel instead of ~700 small ones: the per-step EMA cost on CPU drops from
+            # ~27 ms to a few ms for N (measured, benchmarks note in docs/BENCHMARKS.md).
+            torch._foreach_lerp_(averaged, incoming, 1.0 - d)
 
     def state_dict(self) -> dict[str, Any]:
         return self.module.state_dict()

@@ -374,6 +374,13 @@ class Trainer:
         total_steps = self.step + int(remaining // per_step)
         total = max(self.epoch + 1, math.ceil(total_steps / self.steps_per_epoch))
         total = D.broadcast_object(total)
+        if self.is_main:
+            # Say what the budget buys: on a busy machine the same minutes give fewer steps (and a weaker
+            # model), which should not come as a surprise at the end.
+            from tqdm import tqdm
+
+            tqdm.write(f"time budget {budget / 60:.1f} min: {per_step:.2f} s/step so far -> planning {total} "
+                       f"epochs ({total * self.steps_per_epoch} steps); refitted after each epoch", file=sys.stderr)
         if total != self.total_epochs:
             self.total_epochs = total
             self.schedule.set_total(self.total_epochs * self.steps_per_epoch)
