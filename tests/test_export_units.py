@@ -263,23 +263,31 @@ def test_fp16_keeps_a_named_region_and_everything_after_it_in_float32(tmp_path):
     assert {n.name for n in plain.graph.node if n.op_type == "Cast" and n.output[0] == "out"}
 
 
-def test_f1_check_sets_threshold_borderline_detections_aside_but_not_real_changes():
-    from dfineseg.export.parity import TOLERANCES, ParityData, check_f1, f1_of
+def _hand_made_f1_case(n_images: int):
+    from dfineseg.export.parity import ParityData
     from dfineseg.infer.detections import Detections
     from dfineseg.infer.metrics import GroundTruth
 
-    # 10 images, one object each; PyTorch finds 9 of them, one of which scores 0.505 (just above 0.5).
     shape = (64, 64)
-    gt = [GroundTruth(np.array([[10, 10, 30, 30]], np.float32), np.array([0]), shape) for _ in range(10)]
-    data = ParityData(images=[np.zeros((*shape, 3), np.uint8)] * 10, ground_truth=gt, source="hand-made",
+    gt = [GroundTruth(np.array([[10, 10, 30, 30]], np.float32), np.array([0]), shape) for _ in range(n_images)]
+    data = ParityData(images=[np.zeros((*shape, 3), np.uint8)] * n_images, ground_truth=gt, source="hand-made",
                       imgsz=(64, 64), resize="stretch", task="detect", conf=0.5)
 
-    def dets(scores):
-        return [Detections(np.array([[10, 10, 30, 30]], np.float32), np.array([s], np.float32), np.array([0]), shape)
-                if s is not None else Detections.empty(shape) for s in scores]
+    def dets(scores, boxes=None):
+        boxes = boxes or [[10, 10, 30, 30]] * len(scores)
+        return [Detections(np.array([b], np.float32), np.array([s], np.float32), np.array([0]), shape)
+                if s is not None else Detections.empty(shape) for s, b in zip(scores, boxes)]
 
+    return data, dets
+
+
+def test_f1_check_sets_threshold_borderline_detections_aside_but_not_real_changes():
+    from dfineseg.export.parity import Tolerance, check_f1, f1_of
+
+    # 10 images, one object each; PyTorch finds 9 of them, one of which scores 0.505 (just above 0.5).
+    data, dets = _hand_made_f1_case(10)
     torch_dets = dets([0.9] * 8 + [0.505, None])
-    tol = TOLERANCES["fp16"]  # score tolerance 0.01, F1 limit 0.003
+    tol = Tolerance(raw=0.01, f1=0.003)  # score tolerance 0.01; no one-decision allowance (not fp16)
     # The artefact scores the borderline one 0.495: it drops below the threshold, F1 moves by ~0.06.
     flipped = dets([0.9] * 8 + [0.495, None])
     plain = check_f1(f1_of(torch_dets, data), f1_of(flipped, data), tol)
@@ -291,3 +299,22 @@ def test_f1_check_sets_threshold_borderline_detections_aside_but_not_real_change
     lost = dets([0.9] * 7 + [None, 0.505, None])
     check = check_f1(f1_of(torch_dets, data), f1_of(lost, data), tol, torch_dets, lost, data)
     assert not check.passed and check.value > 0.05
+
+
+def test_fp16_f1_limit_allows_one_ground_truth_match_flip_not_two():
+    from dfineseg.export.parity import TOLERANCES, check_f1, f1_of
+
+    # 200 objects, PyTorch finds 150 (TP 150, FN 50). A box that slides off its object (IoU < 0.5) turns a
+    # TP into an FP and an FN: F1 moves by 2 / (2 TP + FP + FN) = 2 / 350.
+    data, dets = _hand_made_f1_case(200)
+    scores = [0.9] * 150 + [None] * 50
+    torch_dets = dets(scores)
+    shifted = [[10, 10, 30, 30]] * 200
+    one = dets(scores, [[22, 22, 42, 42]] + shifted[1:])
+    two = dets(scores, [[22, 22, 42, 42]] * 2 + shifted[2:])
+    tol = TOLERANCES["fp16"]
+    check_one = check_f1(f1_of(torch_dets, data), f1_of(one, data), tol, torch_dets, one, data)
+    assert check_one.detail["one_decision"] == pytest.approx(2 / 350)
+    assert check_one.passed and check_one.value > tol.f1
+    check_two = check_f1(f1_of(torch_dets, data), f1_of(two, data), tol, torch_dets, two, data)
+    assert not check_two.passed
