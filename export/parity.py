@@ -377,9 +377,13 @@ def check_detections(ref: Sequence[Detections], got: Sequence[Detections], conf:
             min_box = biou if min_box is None else min(min_box, biou)
             miou = 1.0
             if a.masks is not None and b.masks is not None:
-                miou = float(
-                    compact_mask_iou([a.masks[i]], a.mask_origins[i : i + 1], [b.masks[j]], b.mask_origins[j : j + 1])[0, 0]
-                )
+                if not a.masks[i].any() and not b.masks[j].any():
+                    # Both empty (a weak model's mask logits all below 0 inside the box): the same answer,
+                    # though IoU, defined against ground truth, calls an empty pair 0.
+                    miou = 1.0
+                else:
+                    miou = float(compact_mask_iou(
+                        [a.masks[i]], a.mask_origins[i : i + 1], [b.masks[j]], b.mask_origins[j : j + 1])[0, 0])
                 min_mask = miou if min_mask is None else min(min_mask, miou)
             if biou < BOX_IOU_MIN or miou < MASK_IOU_MIN:
                 bad_pairs += 1

@@ -318,3 +318,20 @@ def test_fp16_f1_limit_allows_one_ground_truth_match_flip_not_two():
     assert check_one.passed and check_one.value > tol.f1
     check_two = check_f1(f1_of(torch_dets, data), f1_of(two, data), tol, torch_dets, two, data)
     assert not check_two.passed
+
+
+def test_detections_check_counts_two_empty_masks_as_the_same_answer():
+    from dfineseg.export.parity import TOLERANCES, check_detections
+    from dfineseg.infer.detections import Detections
+
+    shape = (32, 32)
+
+    def one(mask):
+        return Detections(np.array([[4, 4, 12, 12]], np.float32), np.array([0.9], np.float32), np.array([0]), shape,
+                          masks=[mask], mask_origins=np.array([[4, 4]]))
+
+    empty, full = np.zeros((8, 8), bool), np.ones((8, 8), bool)
+    assert check_detections([one(empty)], [one(empty.copy())], 0.5, TOLERANCES["fp32"]).passed
+    assert check_detections([one(full)], [one(full.copy())], 0.5, TOLERANCES["fp32"]).passed
+    check = check_detections([one(full)], [one(empty)], 0.5, TOLERANCES["fp32"])
+    assert not check.passed and check.detail["pairs_below_iou"] == 1
