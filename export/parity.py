@@ -361,10 +361,16 @@ def match_detections(a: Detections, b: Detections) -> list[tuple[int, int, float
     return pairs
 
 
+def near_threshold(scores: np.ndarray, conf: float, tol: Tolerance) -> np.ndarray:
+    """Which scores lie within the score tolerance of the threshold: detections that may fall on either side
+    of it through arithmetic alone (INT8, which has no score tolerance: only an exact tie)."""
+    score_tol = tol.raw if tol.raw is not None else 0.0
+    return np.abs(np.asarray(scores, dtype=np.float64) - conf) <= score_tol
+
+
 def check_detections(ref: Sequence[Detections], got: Sequence[Detections], conf: float, tol: Tolerance) -> Check:
     from dfineseg.infer.metrics import compact_mask_iou
 
-    score_tol = tol.raw if tol.raw is not None else 0.0
     min_box: float | None = None
     min_mask: float | None = None
     n_ref = n_got = n_matched = bad_pairs = unmatched = borderline = 0
@@ -390,10 +396,11 @@ def check_detections(ref: Sequence[Detections], got: Sequence[Detections], conf:
         matched_a = {i for i, _, _ in pairs}
         matched_b = {j for _, j, _ in pairs}
         for dets, matched in ((a, matched_a), (b, matched_b)):
+            near = near_threshold(dets.scores, conf, tol)
             for k in range(len(dets.boxes)):
                 if k in matched:
                     continue
-                if abs(float(dets.scores[k]) - conf) <= score_tol:
+                if near[k]:
                     borderline += 1
                 else:
                     unmatched += 1
@@ -449,15 +456,13 @@ def check_f1(
     value = -change if tol.one_sided_f1 else abs(change)
     detail: dict[str, Any] = {"torch_f1": ref["f1"], "export_f1": got["f1"], "change": change}
     if tol.raw is not None and ref_dets is not None and got_dets is not None and data is not None:
-        band = float(tol.raw)
-
         def outside_band(dets: Sequence[Detections]) -> list[Detections]:
-            return [d.filter(np.abs(d.scores.astype(np.float64) - data.conf) > band) for d in dets]
+            return [d.filter(~near_threshold(d.scores, data.conf, tol)) for d in dets]
 
         ref_out, got_out = f1_of(outside_band(ref_dets), data), f1_of(outside_band(got_dets), data)
         if ref_out is not None and got_out is not None:
             band_change = got_out["f1"] - ref_out["f1"]
-            detail["borderline_band"] = band
+            detail["borderline_band"] = float(tol.raw)
             detail["change_outside_band"] = band_change
             value = min(value, -band_change if tol.one_sided_f1 else abs(band_change))
     limit = tol.f1
