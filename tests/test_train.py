@@ -168,6 +168,25 @@ def test_time_budget_overrides_epochs_and_ends_with_validation(small_data, tmp_p
     assert load_config(run / "config.yaml").train.time == 0.05
 
 
+def test_budget_refit_plans_only_whole_epochs_that_fit(small_data, tmp_path):
+    # Called when an epoch's training ends (epochs 0..3 done here), the refit may add only epochs that can
+    # finish: one that cannot would stretch the lr decay past the budget (found on the demo: the run
+    # ended with the lr raised from its minimum again, 1e-4 -> 2.2e-4, for one partial epoch).
+    tr = Trainer(_cfg(small_data, tmp_path, "refit", epochs=50, time=1.0))
+    tr._setup()
+    spe = tr.steps_per_epoch
+    tr.epoch, tr.epoch_times, tr._final_val_s = 3, [10.0, 10.0], 2.0
+    tr._elapsed = lambda: 60.0 - 2.0 - 15.0  # 15 s left after the final validation: one 10 s epoch fits
+    tr._refit_to_budget(10.0)
+    assert tr.total_epochs == 5
+    assert tr.schedule.total_steps == 5 * spe and tr.ema.total_steps == 5 * spe
+    tr._elapsed = lambda: 60.0 - 2.0 - 5.0  # less than an epoch left: the epoch just trained is the last
+    tr._refit_to_budget(10.0)
+    assert tr.total_epochs == 4 and tr.schedule.total_steps == 4 * spe
+    # The decay reaches its floor at the end of the epoch just trained.
+    assert tr.schedule.factor(4 * spe) == pytest.approx(tr.tcfg.min_lr_frac)
+
+
 def test_sampler_order_is_seeded_per_epoch_resumable_and_split_across_ranks():
     from dfineseg.train.sampler import ResumableBatchSampler
 

@@ -347,13 +347,17 @@ class Trainer:
     def _budget_s(self) -> float | None:
         return self.tcfg.time * 60.0 if self.tcfg.time else None
 
-    def _refit_to_budget(self) -> None:
-        """`time=`: after each epoch, set the total epochs so the run ends inside the budget and refit the
-        schedule's length; rank 0 decides so every rank agrees."""
+    def _refit_to_budget(self, this_epoch_s: float) -> None:
+        """`time=`: when an epoch's training ends (before its validation and before `self.epoch` moves on),
+        set the total epochs so the run ends inside the budget and refit the schedule's length; rank 0
+        decides so every rank agrees. Epochs 0..self.epoch are done, so only whole epochs that still fit are
+        added: an epoch that cannot finish would stretch the decay past the budget's end (the run would stop
+        with the learning rate raised again), and deciding before validation lets the epoch that becomes the
+        last one be validated like any last epoch."""
         budget = self._budget_s()
-        if budget is None or not self.epoch_times:
+        if budget is None:
             return
-        recent = self.epoch_times[-3:]
+        recent = (self.epoch_times + [this_epoch_s])[-3:]
         per_epoch = sum(recent) / len(recent)
         remaining = budget - self._elapsed() - self._final_val_s
         total = self.epoch + 1 + max(0, int(remaining // max(per_epoch, 1e-6)))
@@ -408,6 +412,9 @@ class Trainer:
                 if not stop and budget is not None and D.broadcast_object(self._elapsed() >= budget):
                     self.stop_reason = self.stop_reason or f"time budget of {tcfg.time} min reached"
                     stop = True
+                if not stop and finished_epoch:
+                    self._refit_to_budget(time.perf_counter() - t_epoch)
+                    last_epoch = self.epoch + 1 >= self.total_epochs
                 metrics: dict[str, float] = {}
                 t_val = time.perf_counter()
                 if stop or last_epoch or (self.epoch + 1) % tcfg.val_every == 0:
@@ -415,8 +422,6 @@ class Trainer:
                 self._final_val_s = max(self._final_val_s, time.perf_counter() - t_val)
                 self.epoch_times.append(time.perf_counter() - t_epoch)
                 stop = self._end_epoch(metrics) or stop
-                if not stop:
-                    self._refit_to_budget()
         self._finish()
 
     def _micro_batches(self):
