@@ -347,6 +347,14 @@ class Trainer:
     def _budget_s(self) -> float | None:
         return self.tcfg.time * 60.0 if self.tcfg.time else None
 
+    def _plan_epochs(self, total: int) -> None:
+        """Set the run's length in epochs; the lr schedule and the EMA horizon follow it."""
+        if total != self.total_epochs:
+            self.total_epochs = total
+            self.schedule.set_total(self.total_epochs * self.steps_per_epoch)
+            if self.ema is not None:
+                self.ema.total_steps = self.schedule.total_steps
+
     def _refit_to_budget(self, this_epoch_s: float) -> None:
         """`time=`: when an epoch's training ends (before its validation and before `self.epoch` moves on),
         set the total epochs so the run ends inside the budget and refit the schedule's length; rank 0
@@ -362,11 +370,7 @@ class Trainer:
         remaining = budget - self._elapsed() - self._final_val_s
         total = self.epoch + 1 + max(0, int(remaining // max(per_epoch, 1e-6)))
         total = D.broadcast_object(total)
-        if total != self.total_epochs:
-            self.total_epochs = total
-            self.schedule.set_total(self.total_epochs * self.steps_per_epoch)
-            if self.ema is not None:
-                self.ema.total_steps = self.schedule.total_steps
+        self._plan_epochs(total)
 
     def _refit_from_steps(self, budget: float) -> None:
         """`time=`: a first fit from the speed of the first optimizer steps, so even a budget shorter than
@@ -385,11 +389,7 @@ class Trainer:
 
             tqdm.write(f"time budget {budget / 60:.1f} min: {per_step:.2f} s/step so far -> planning {total} "
                        f"epochs ({total * self.steps_per_epoch} steps); refitted after each epoch", file=sys.stderr)
-        if total != self.total_epochs:
-            self.total_epochs = total
-            self.schedule.set_total(self.total_epochs * self.steps_per_epoch)
-            if self.ema is not None:
-                self.ema.total_steps = self.schedule.total_steps
+        self._plan_epochs(total)
 
     def _loop(self) -> None:
         tcfg = self.tcfg
@@ -405,7 +405,6 @@ class Trainer:
             t_epoch = time.perf_counter()
             stop = self._train_epoch()
             finished_epoch = self.epoch_batch >= self.sampler.batches_per_epoch()
-            last_epoch = self.epoch + 1 >= self.total_epochs
             if finished_epoch or stop:
                 # Decide on the budget before validating, so the epoch that ends the run is validated and
                 # logged like any last epoch.
@@ -414,7 +413,7 @@ class Trainer:
                     stop = True
                 if not stop and finished_epoch:
                     self._refit_to_budget(time.perf_counter() - t_epoch)
-                    last_epoch = self.epoch + 1 >= self.total_epochs
+                last_epoch = self.epoch + 1 >= self.total_epochs
                 metrics: dict[str, float] = {}
                 t_val = time.perf_counter()
                 if stop or last_epoch or (self.epoch + 1) % tcfg.val_every == 0:
