@@ -158,3 +158,29 @@ def test_ema_keeps_inf_buffers_intact_even_at_zero_decay():
     assert ema.current_decay() == 0.0
     assert torch.equal(ema.module.anchors, model.anchors)
     assert torch.equal(ema.module.weight, model.weight)
+
+
+def test_ema_follows_in_place_updates_and_reassigned_buffers():
+    """Parameters are tracked by reference (built once), so in-place optimizer updates must reach the EMA;
+    a buffer the model re-assigns (a new tensor object) must still be found, and a new model object (another
+    run) must not be averaged against the first one's tensors."""
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    model.register_buffer("scale", torch.zeros(3))
+    ema = ModelEMA(model, decay=0.5, warmup=0)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    for _ in range(2):
+        model.weight.grad = torch.full_like(model.weight, -1.0)  # w += 1 in place
+        opt.step()
+        model.scale = torch.full((3,), 4.0)  # re-assigned, not copied into
+        ema.update(model)
+    # w: 0 -> 1 -> 2 (model); EMA 0 -> 0.5 -> 1.25. Buffer: 0 -> 2 -> 3.
+    assert torch.allclose(ema.module.weight, torch.full((1, 2), 1.25))
+    assert torch.allclose(ema.module.scale, torch.full((3,), 3.0))
+    other = nn.Linear(2, 1, bias=False)
+    other.register_buffer("scale", torch.full((3,), 3.0))
+    with torch.no_grad():
+        other.weight.fill_(3.25)
+    ema.update(other)
+    assert torch.allclose(ema.module.weight, torch.full((1, 2), 2.25))

@@ -38,7 +38,7 @@ class ModelEMA:
         self.module = copy.deepcopy(unwrap(model)).eval()
         for param in self.module.parameters():
             param.requires_grad_(False)
-        self._params = {name for name, _ in self.module.named_parameters()}
+        self._pairs: tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]] | None = None
         self.decay = float(decay)
         self.warmup = int(warmup)
         self.updates = int(updates)
@@ -51,19 +51,44 @@ class ModelEMA:
             d = min(d, 1.0 - 1.0 / max(self.horizon * self.total_steps, 1.0))
         return d
 
+    def _pairs_for(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(EMA parameters, model parameters), built once per model: parameters are updated in place by the
+        optimizer (and by load_state_dict), so the references stay valid, and a step no longer rebuilds two
+        ~450-entry state dicts just to find them (N: ~40 -> ~23 ms per update on the 2-core VM)."""
+        if self._pairs is None or self._pairs[0] is not model:
+            source = dict(model.named_parameters())
+            mine, theirs = [], []
+            for name, value in self.module.named_parameters():
+                new = source[name]
+                if new.shape == value.shape and value.dtype.is_floating_point:
+                    mine.append(value)
+                    theirs.append(new)
+            self._pairs = (model, mine, theirs)
+        return self._pairs[1], self._pairs[2]
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = self.current_decay()
-        source = unwrap(model).state_dict()
+        model = unwrap(model)
+        mine, theirs = self._pairs_for(model)
         averaged: list[torch.Tensor] = []
         incoming: list[torch.Tensor] = []
-        for name, value in self.module.state_dict().items():
-            new = source[name].detach()
-            if new.shape != value.shape:
+        if d > 0:
+            averaged.extend(mine)
+            incoming.extend(t.detach() for t in theirs)
+        elif mine:
+            torch._foreach_copy_(mine, [t.detach() for t in theirs])
+        # Buffers can be re-assigned by the model (input-size-dependent caches), so they are looked up
+        # each time; there are few of them.
+        source = dict(model.named_buffers())
+        for name, value in self.module.named_buffers():
+            new = source.get(name)
+            if new is None or new.shape != value.shape:
                 # Input-size-dependent caches (decoder anchors) are rebuilt by the model itself.
                 continue
-            if value.dtype.is_floating_point and d > 0 and (name in self._params or bool(torch.isfinite(new).all())):
+            new = new.detach()
+            if value.dtype.is_floating_point and d > 0 and bool(torch.isfinite(new).all()):
                 averaged.append(value)
                 incoming.append(new.to(value.dtype))
             else:
@@ -71,8 +96,7 @@ class ModelEMA:
                 # inf * 0 would turn them into NaN), follow the model exactly.
                 value.copy_(new)
         if averaged:
-            # One multi-tensor kernel instead of ~700 small ones (N on this CPU: ~27 -> ~20 ms per update;
-            # the rest is building the two state dicts).
+            # One multi-tensor kernel instead of ~700 small ones.
             torch._foreach_lerp_(averaged, incoming, 1.0 - d)
 
     def state_dict(self) -> dict[str, Any]:
