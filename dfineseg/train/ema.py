@@ -62,7 +62,7 @@ class ModelEMA:
                 new = source[name]
                 if new.shape == value.shape and value.dtype.is_floating_point:
                     mine.append(value)
-                    theirs.append(new)
+                    theirs.append(new.detach())  # a view of the same storage: sees every in-place update
             self._pairs = (model, mine, theirs)
         return self._pairs[1], self._pairs[2]
 
@@ -76,9 +76,9 @@ class ModelEMA:
         incoming: list[torch.Tensor] = []
         if d > 0:
             averaged.extend(mine)
-            incoming.extend(t.detach() for t in theirs)
+            incoming.extend(theirs)
         elif mine:
-            torch._foreach_copy_(mine, [t.detach() for t in theirs])
+            torch._foreach_copy_(mine, theirs)
         # Buffers can be re-assigned by the model (input-size-dependent caches), so they are looked up
         # each time; there are few of them.
         source = dict(model.named_buffers())
