@@ -31,7 +31,16 @@ REPO_ROOT = TESTS_DIR.parent
 sys.path.insert(0, str(TESTS_DIR))
 
 # The session-scoped trained model that export, inference, val and bench tests compare against.
+import pytest  # noqa: E402
 from trained_fixture import trained_run  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def standin_files(tmp_path_factory):
+    """The hand-built stand-in model exported once per session (ONNX, detect, batch 2, OpenVINO)."""
+    from test_predictor_standin import build_standin_files
+
+    return build_standin_files(tmp_path_factory.mktemp("standin"))
 
 # .ci/run sets this: each test's id is appended before it runs, so when the interpreter itself dies (a
 # native crash ends pytest before it can report) the CI summary can still name the test that was running.

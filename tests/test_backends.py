@@ -9,19 +9,12 @@ from test_predictor_standin import (
     IMGSZ,
     NAMES,
     assert_same_detections,
-    get_standin_files,
     scene,
     torch_reference,
 )
 
 from dfineseg.infer.backends import ModelFileError, PredictorError, detect_backend, load_backend
 from dfineseg.infer.predictor import Predictor
-
-
-@pytest.fixture(scope="session")
-def standin_files(tmp_path_factory):
-    return get_standin_files(tmp_path_factory)
-
 
 IMAGES = [scene(s) for s in range(4)] + [scene(9, h=90, w=200)]
 
@@ -149,20 +142,18 @@ def test_tensorrt_without_gpu_says_so(tmp_path):
             Predictor.load(engine)
 
 
-def test_openvino_reads_metadata_written_like_the_exporter(tmp_path):
-    """The exporter stores the map under rt_info['model_info'] (no ONNX metadata_props to inherit)."""
+def test_openvino_reads_metadata_written_by_the_exporter(tmp_path):
+    """The OpenVINO exporter's own writer stores the map (an ONNX file without metadata_props to inherit)."""
     import json
 
-    import openvino as ov
     from test_predictor_standin import export_onnx, metadata
 
+    from dfineseg.export.openvino_export import export_openvino
+
     bare = export_onnx(tmp_path / "bare.onnx", meta={})
-    model = ov.convert_model(str(bare))
     meta = metadata(conf=0.42)
     meta["names"] = json.dumps(["x", "y", "z"])
-    for key, value in meta.items():
-        model.set_rt_info(value, ["model_info", key])
-    ov.save_model(model, str(tmp_path / "ir" / "model.xml"))
+    export_openvino(bare, tmp_path / "ir", compress_fp16=False, metadata=meta)
     predictor = Predictor.load(tmp_path / "ir")
     assert predictor.names == ["x", "y", "z"] and predictor.conf == pytest.approx(0.42)
     assert predictor.category_ids == CATEGORY_IDS

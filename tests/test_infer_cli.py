@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from test_predictor_standin import (
     CATEGORY_IDS,
-    get_standin_files,
     scene,
 )
 
@@ -21,11 +20,6 @@ from dfineseg.infer.errors import UserError
 from dfineseg.infer.predictor import Predictor
 from dfineseg.infer_cli import OPTIONS, resolve_options, run_infer
 from dfineseg.overrides import ConfigError
-
-
-@pytest.fixture(scope="session")
-def standin_files(tmp_path_factory):
-    return get_standin_files(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from test_predictor_standin import (
     CATEGORY_IDS,
     NAMES,
     assert_same_detections,
-    get_standin_files,
     scene,
 )
 
@@ -25,11 +24,6 @@ from dfineseg.infer.io import (
     read_image,
 )
 from dfineseg.infer.predictor import Predictor
-
-
-@pytest.fixture(scope="session")
-def standin_files(tmp_path_factory):
-    return get_standin_files(tmp_path_factory)
 
 
 def _write_rgb(path, rgb):

@@ -9,7 +9,6 @@ from test_predictor_standin import (
     IMGSZ,
     assert_same_detections,
     export_onnx,
-    get_standin_files,
     metadata,
     scene,
 )
@@ -18,11 +17,6 @@ from dfineseg.infer.backends import ModelFileError, PredictorError
 from dfineseg.infer.errors import UserError
 from dfineseg.infer.io import ImageReadError
 from dfineseg.infer.predictor import Predictor
-
-
-@pytest.fixture(scope="session")
-def standin_files(tmp_path_factory):
-    return get_standin_files(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -148,24 +148,18 @@ class StandInFiles:
     openvino: Path
 
 
-_FILES: dict[str, StandInFiles] = {}
-
-
-def get_standin_files(tmp_path_factory) -> StandInFiles:
-    """Export the stand-in once per test session (each test module wraps this in its own fixture)."""
-    if "files" not in _FILES:
-        root = tmp_path_factory.mktemp("standin")
-        onnx_path = export_onnx(root / "model.onnx")
-        ov_dir = root / "openvino"
-        ov_dir.mkdir()
-        _FILES["files"] = StandInFiles(
-            root=root,
-            onnx=onnx_path,
-            onnx_detect=export_onnx(root / "detect.onnx", task="detect"),
-            onnx_batch2=export_onnx(root / "batch2.onnx", batch=2),
-            openvino=convert_openvino(onnx_path, ov_dir / "model.xml"),
-        )
-    return _FILES["files"]
+def build_standin_files(root: Path) -> StandInFiles:
+    """Export the stand-in in every form the tests load (conftest.py's session fixture `standin_files`)."""
+    onnx_path = export_onnx(root / "model.onnx")
+    ov_dir = root / "openvino"
+    ov_dir.mkdir()
+    return StandInFiles(
+        root=root,
+        onnx=onnx_path,
+        onnx_detect=export_onnx(root / "detect.onnx", task="detect"),
+        onnx_batch2=export_onnx(root / "batch2.onnx", batch=2),
+        openvino=convert_openvino(onnx_path, ov_dir / "model.xml"),
+    )
 
 
 # ----------------------------------------------------------------------------- the stand-in's own contract

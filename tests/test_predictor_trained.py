@@ -1,29 +1,22 @@
 """On the trained fixture: every CPU backend gives the same Detections as the PyTorch checkpoint.
 
-Slow (it exports the fixture's checkpoint to ONNX and OpenVINO), so marked `slow`; skipped until the
-trained fixture exists in this checkout.
+Slow (it exports the fixture's checkpoint to ONNX and OpenVINO), so marked `slow`. `trained_run` is the
+session fixture conftest.py registers.
 """
 
 from __future__ import annotations
 
 import pytest
+from test_predictor_standin import assert_matching_detections
 
-trained_fixture = pytest.importorskip("trained_fixture")
-import conftest  # noqa: E402
-from test_predictor_standin import assert_matching_detections  # noqa: E402
-
-from dfineseg.infer.io import read_image  # noqa: E402
-from dfineseg.infer.predictor import Predictor  # noqa: E402
-
-if not hasattr(conftest, "trained_run"):
-    # registering the session fixture a second time would train the model twice in one session
-    trained_run = trained_fixture.trained_run
+from dfineseg.infer.io import read_image
+from dfineseg.infer.predictor import Predictor
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):  # noqa: F811
+def exported(trained_run, tmp_path_factory):
     from dfineseg.export.api import export_model
     from dfineseg.train.checkpoint import config_from_checkpoint, load_checkpoint
 
@@ -36,14 +29,14 @@ def exported(trained_run, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def val_images(trained_run):  # noqa: F811
+def val_images(trained_run):
     from dfineseg.data import load_index
 
     index = load_index(trained_run.data_yaml, "val")
     return [read_image(rec.file) for rec in index.images[:6]]
 
 
-def test_exported_backends_match_the_checkpoint(trained_run, exported, val_images):  # noqa: F811
+def test_exported_backends_match_the_checkpoint(trained_run, exported, val_images):
     reference = Predictor.load(trained_run.checkpoint)
     ref = reference.predict(val_images)
     assert sum(len(d) for d in ref) > 0, "the trained fixture detects nothing: the comparison would prove nothing"

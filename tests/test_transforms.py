@@ -241,7 +241,11 @@ def test_multiscale_batches_and_collate():
 
     sampler = MultiScaleBatchSampler(range(10), 4, (320, 480), p=1.0, min_frac=0.5, max_frac=1.5, seed=1)
     sizes = sampler.sizes()
-    assert all(h % 32 == 0 and w % 32 == 0 for h, w in sizes) and (160, 224) in sizes or (160, 256) in sizes
+    # Every size is a multiple of 32, spans 0.5x..1.5x of the height, and keeps the 320:480 aspect within
+    # one 32-pixel rounding step of the width.
+    assert all(h % 32 == 0 and w % 32 == 0 for h, w in sizes), sizes
+    assert sizes[0][0] == 160 and sizes[-1][0] == 480 and (320, 480) in sizes, sizes
+    assert all(abs(w - h * 480 / 320) <= 16 for h, w in sizes), sizes
     batches = list(sampler)
     assert [len(b) for b in batches] == [4, 4, 2] and len(sampler) == 3
     for batch in batches:
