@@ -7,11 +7,23 @@ Two entry points:
 - `read_image(path)` decodes to HxWx3 uint8 RGB with EXIF orientation applied by *our* header parser
   (OpenCV's own orientation handling is switched off), so the size `probe_image` reports and the pixels
   `read_image` returns can never disagree.
+
+Corrupt JPEG scan data: libjpeg repairs it (grey blocks, shifted colours) and only prints an anonymous
+"Corrupt JPEG data: ..." warning to the C stderr; `cv2.imdecode` still returns an image. The full check
+(`probe_image(decode=True)`, what `dfineseg data check` runs) therefore captures file descriptor 2 around
+the decode and turns those warnings into an `ImageReadError` naming the file. Limits: baseline JPEG has no
+checksum, so a garbled stretch after which the Huffman decoder happens to resynchronise exactly is not
+detectable by any decoder; and the capture is process-wide, so output other threads write to stderr during
+that decode is held back and re-emitted afterwards.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +40,11 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 # SOF markers carry the frame size; C4 (DHT), C8 (JPG extension) and CC (DAC) share the range but do not.
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# libjpeg(-turbo) warnings that mean the pixels were repaired, not read (jerror.h JWRN_*); a bad ICC marker
+# ("Corrupt JPEG data: bad ICC marker") damages colour metadata only, so it does not count.
+_JPEG_CORRUPT_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid SOS parameters",
+                          "Inconsistent progression sequence")
+_STDERR_CAPTURE = threading.Lock()  # fd 2 is process-wide: two threads swapping it at once would lose it
 
 
 class ImageReadError(UserError):
@@ -174,9 +191,9 @@ def probe_image(path: str | Path, decode: bool = False) -> ImageInfo:
             else:
                 info = None
     except OSError as exc:
-        raise ImageReadError(path, f"cannot open ({exc.strerror or exc})") from None
+        raise ImageReadError(path, _open_error(path, exc)) from None
     if info is None or decode:
-        img = _decode(path)
+        img = _decode(path, strict=decode and magic[:2] == b"\xff\xd8")
         h, w = img.shape[:2]
         if info is None:
             conversions = []
@@ -199,16 +216,58 @@ def _stored_hw(info: ImageInfo) -> tuple[int, int]:
     return info.height, info.width
 
 
-def _decode(path: Path) -> np.ndarray:
+def _open_error(path: Path, exc: OSError) -> str:
+    if path.is_symlink() and not path.exists():
+        return f"broken symlink: its target {os.readlink(path)} does not exist"
+    return f"cannot open ({exc.strerror or exc})"
+
+
+def _decode(path: Path, strict: bool = False) -> np.ndarray:
+    """`strict`: also fail on the corrupt-data warnings libjpeg prints while repairing a JPEG."""
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
-        raise ImageReadError(path, f"cannot open ({exc.strerror or exc})") from None
+        raise ImageReadError(path, _open_error(path, exc)) from None
     flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    img = cv2.imdecode(data, flags) if data.size else None
+    if not data.size:
+        img = None
+    elif strict:
+        img, warnings = _imdecode_capturing_stderr(data, flags)
+        corrupt = [w for w in warnings if w.startswith(_JPEG_CORRUPT_WARNINGS) and "bad ICC marker" not in w]
+        if corrupt:
+            raise ImageReadError(path, f"corrupt JPEG data (libjpeg: {'; '.join(corrupt)})")
+    else:
+        img = cv2.imdecode(data, flags)
     if img is None or img.size == 0:
         raise ImageReadError(path, "not a readable image (OpenCV could not decode it)")
     return img
+
+
+def _imdecode_capturing_stderr(data: np.ndarray, flags: int) -> tuple[np.ndarray | None, list[str]]:
+    """cv2.imdecode, with what the C libraries print to fd 2 meanwhile returned as lines (not printed).
+
+    Lines that are not libjpeg corruption warnings are written back to stderr. Without a usable fd 2
+    (closed, or an embedding host that forbids dup) it decodes without capturing.
+    """
+    with _STDERR_CAPTURE, tempfile.TemporaryFile() as sink:  # the system temp folder, never the dataset
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):
+            return cv2.imdecode(data, flags), []
+        os.dup2(sink.fileno(), 2)
+        try:
+            img = cv2.imdecode(data, flags)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sink.seek(0)
+        captured = sink.read().decode("utf-8", errors="replace")
+    lines = [ln.strip() for ln in captured.splitlines() if ln.strip()]
+    others = [ln for ln in lines if not ln.startswith(_JPEG_CORRUPT_WARNINGS)]
+    if others:
+        print("\n".join(others), file=sys.stderr)
+    return img, lines
 
 
 def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
@@ -242,7 +301,7 @@ def read_image(path: str | Path) -> np.ndarray:
             elif magic == _PNG_SIGNATURE:
                 orientation = _probe_png(f, path).orientation
     except OSError as exc:
-        raise ImageReadError(path, f"cannot open ({exc.strerror or exc})") from None
+        raise ImageReadError(path, _open_error(path, exc)) from None
     img = _decode(path)
     rgb = to_rgb_uint8(img, assume_bgr=img.ndim == 3)
     return np.ascontiguousarray(apply_orientation(rgb, orientation))

@@ -175,3 +175,103 @@ def test_cli_data_check(faulty, capsys):
     root, _ = faulty
     assert main(["data", "check", f"data={root / 'data.yaml'}"]) == 0
     assert "class id 7 out of range" in capsys.readouterr().out
+
+
+def _textured_jpeg(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = cv2.GaussianBlur((rng.random((96, 128, 3)) * 255).astype(np.uint8), (7, 7), 3)
+    return _jpeg(img)
+
+
+def _scan_data(data: bytes) -> tuple[int, int]:
+    """[start, end) of the entropy-coded data of a baseline JPEG (after the SOS header, before EOI)."""
+    sos = data.index(b"\xff\xda")
+    (length,) = struct.unpack(">H", data[sos + 2 : sos + 4])
+    assert data.endswith(b"\xff\xd9")
+    return sos + 2 + length, len(data) - 2
+
+
+def test_check_decodes_fully_and_names_jpegs_with_corrupt_scan_data(tmp_path):
+    """cv2.imdecode 'repairs' these (grey blocks) and libjpeg only prints an anonymous warning on stderr."""
+    root = tmp_path / "ds"
+    imgs, lbls = root / "images" / "train", root / "labels" / "train"
+    imgs.mkdir(parents=True)
+    lbls.mkdir(parents=True)
+    good = _textured_jpeg()
+    start, end = _scan_data(good)
+    n = (end - start) // 5
+    mid = start + (end - start) // 2 - n // 2
+    garbled = good[:mid] + b"\xaa" * n + good[mid + n :]  # entropy data overwritten in the middle
+    cut = good[: int(len(good) * 0.6)]
+    files = {
+        "good.jpg": good,
+        "garbled.jpg": garbled,
+        "cut_eoi.jpg": cut + b"\xff\xd9",  # truncated to 60%, end marker put back: the tail check passes
+        "cut.jpg": cut,  # plainly truncated to 60%
+    }
+    for name, data in files.items():
+        (imgs / name).write_bytes(data)
+        (lbls / f"{Path(name).stem}.txt").write_text("0 0.1 0.1 0.6 0.1 0.6 0.7\n")
+    (root / "data.yaml").write_text("train: images/train\nnames: [a]\n")
+    for name in ("garbled.jpg", "cut_eoi.jpg"):  # the trap: OpenCV returns pixels for both
+        assert cv2.imdecode(np.frombuffer(files[name], np.uint8), cv2.IMREAD_COLOR) is not None
+    before = _hashes(root)
+    out = io.StringIO()
+    report = run_check(str(root / "data.yaml"), stream=out)
+    assert _hashes(root) == before
+    split = report.splits["train"]
+    assert split.images == 1 and split.skipped == 3
+    text = out.getvalue()
+    for name in ("garbled.jpg", "cut_eoi.jpg"):
+        hits = [p for p in report.problems if p.file == str(imgs / name)]
+        assert len(hits) == 1 and hits[0].severity == ERROR and hits[0].action == "image skipped"
+        assert "corrupt JPEG data" in hits[0].reason
+        assert f"{imgs / name}: corrupt JPEG data" in text
+    assert any(p.file == str(imgs / "cut.jpg") and "truncated" in p.reason for p in report.problems)
+
+
+def test_box_only_instances_are_located_in_the_report(tmp_path):
+    root = tmp_path / "ds"
+    imgs, lbls = root / "images" / "train", root / "labels" / "train"
+    imgs.mkdir(parents=True)
+    lbls.mkdir(parents=True)
+    base = _jpeg(np.full((64, 96, 3), 120, np.uint8))
+    for i in range(3):
+        (imgs / f"{i}.jpg").write_bytes(base)
+        boxes = [f"0 {0.1 + 0.02 * k:.2f} 0.5 0.1 0.1" for k in range(10)]  # lines 2..11 are boxes
+        (lbls / f"{i}.txt").write_text("\n".join(["0 0.1 0.1 0.6 0.1 0.6 0.7", *boxes]) + "\n")
+    (root / "data.yaml").write_text("train: images/train\nnames: [a]\n")
+    out = io.StringIO()
+    report = run_check(str(root / "data.yaml"), stream=out)
+    split = report.splits["train"]
+    assert split.box_only == 30 and report.ok  # valid data, not a problem
+    where = [(p.file, p.line, p.severity) for p in split.box_only_examples]
+    expected = [(str(lbls / f"{i}.txt"), n, INFO) for i in range(3) for n in range(2, 12)][:20]
+    assert where == expected
+    text = out.getvalue()
+    assert "train: 30 box-only instances" in text and "... 10 more" in text
+    assert f"[info] {lbls / '0.txt'}:2: box without a polygon" in text
+    assert f"{lbls / '2.txt'}:2:" not in text  # the 21st onwards are counted, not listed
+    # COCO: located by annotation id in the json
+    from test_data_coco import make_coco
+
+    make_coco(tmp_path / "coco")
+    out = io.StringIO()
+    report = run_check(str(tmp_path / "coco"), stream=out)
+    [example] = report.splits["val"].box_only_examples
+    assert example.file.endswith("instances_val.json") and "annotation 4 (image id 7)" in example.reason
+    assert "val: 1 box-only instances" in out.getvalue()
+
+
+def test_cli_data_check_prints_the_new_problems(faulty, capsys):
+    from dfineseg.cli import main
+
+    root, f = faulty
+    cv2.imwrite(str(root / "images" / "train" / "good.png"), np.full((64, 96, 3), 9, np.uint8))  # shares good.txt
+    (root / "images" / "train" / "gone.jpg").symlink_to(root / "nowhere.jpg")
+    assert main(["data", "check", f"data={root / 'data.yaml'}"]) == 0
+    text = capsys.readouterr().out
+    assert f"{f['good']}: shares the label file {root / 'labels' / 'train' / 'good.txt'}" in text
+    assert f"{root / 'images' / 'train' / 'gone.jpg'}: broken symlink" in text
+    assert f"[info] {root / 'labels' / 'train' / 'good.txt'}:1: box without a polygon" not in text  # good.* skipped
+    assert "box-only instances" in text  # the four converted images' boxes

@@ -144,3 +144,67 @@ def test_coco_structural_errors(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(DatasetError, match="cannot find its images"):
         load_index(tmp_path / "c", "val")
+
+
+def _hostile_ids_doc(path: Path) -> dict:
+    doc = json.loads(path.read_text())
+    # a third image reuses id 42 (x.jpg's): y.jpg would silently get x.jpg's polygons
+    doc["images"].append({"id": 42, "file_name": "y.jpg", "width": W, "height": H})
+    # annotation ids 1 and 4 both used twice; one annotation points at an image id nothing has
+    doc["annotations"].append({"id": 4, "image_id": 7, "category_id": 12, "iscrowd": 0, "bbox": [2, 2, 9, 9],
+                               "segmentation": [[2, 2, 11, 2, 11, 11]]})
+    doc["annotations"].append({"id": 31, "image_id": 555, "category_id": 12, "iscrowd": 0, "bbox": [1, 1, 5, 5]})
+    return doc
+
+
+def test_duplicate_image_and_annotation_ids_are_reported_never_merged(tmp_path):
+    import io
+
+    from dfineseg.data.checks import run_check
+    from dfineseg.data.index import ERROR, WARNING
+
+    path, _ = make_coco(tmp_path)
+    path.write_text(json.dumps(_hostile_ids_doc(path)))
+    idx = load_index(tmp_path, "val")
+    # both images claiming id 42 are skipped with their annotations; image 7 keeps what is unambiguous
+    assert [r.image_id for r in idx.images] == [7]
+    dup_images = [p for p in idx.problems if "image id 42 is used by 2 images" in p.reason]
+    assert len(dup_images) == 2 and all(p.severity == ERROR and p.file == str(path) for p in dup_images)
+    assert {"this one is x.jpg" in p.reason for p in dup_images} == {True, False}
+    assert all("unique" in p.action or "its own id" in p.action for p in dup_images)
+    # annotation id 4 is used twice: both skipped (image 7 loses its box-only annotation 4 and the new polygon)
+    dup_anns = [p for p in idx.problems if "annotation id 4 is used by 2 annotations" in p.reason]
+    assert len(dup_anns) == 2 and all(p.severity == WARNING and "annotation skipped" in p.action for p in dup_anns)
+    assert idx.images[0].instances == []
+    unknown = [p for p in idx.problems if "image_id 555" in p.reason]
+    assert len(unknown) == 1 and "annotation ids 31" in unknown[0].reason and "skipped" in unknown[0].action
+    # `data check` says so (it used to say "no problems found" for the shared id)
+    out = io.StringIO()
+    report = run_check(str(tmp_path), splits=["val"], stream=out)
+    assert not report.ok and report.splits["val"].skipped >= 2
+    assert f"{path}: image id 42 is used by 2 images" in out.getvalue()
+
+
+def test_file_name_outside_the_image_folder_is_refused_unless_allowed(tmp_path):
+    from dfineseg.data.coco import load_coco_index
+    from dfineseg.data.index import ERROR
+
+    path, _ = make_coco(tmp_path / "ds")
+    outside = tmp_path / "secret.jpg"
+    cv2.imwrite(str(outside), np.full((H, W, 3), 90, np.uint8))
+    doc = json.loads(path.read_text())
+    doc["images"][0]["file_name"] = "../../../secret.jpg"  # images/val/../../../ = tmp_path
+    doc["images"][1]["file_name"] = str(outside)
+    doc["images"].append({"id": 8, "file_name": str(tmp_path / "ds" / "images" / "val" / "y.jpg"), "width": W, "height": H})
+    doc["images"].append({"id": 9, "file_name": "./x.jpg", "width": W, "height": H})
+    path.write_text(json.dumps(doc))
+    idx = load_coco_index(tmp_path / "ds", "val")
+    # an absolute path under the image folder and a ./ name are fine
+    assert [r.image_id for r in idx.images] == [8, 9]
+    refused = {p.reason.split(":")[0]: p for p in idx.problems if "points outside the image folder" in p.reason}
+    assert set(refused) == {"image id 42", "image id 7"}
+    assert all(p.severity == ERROR and p.file == str(path) and "allow_outside_root" in p.action for p in refused.values())
+    assert "'../../../secret.jpg'" in refused["image id 42"].reason
+    opted_in = load_coco_index(tmp_path / "ds", "val", allow_outside_root=True)
+    assert sorted(r.image_id for r in opted_in.images) == [7, 8, 9, 42]
+    assert {r.file.resolve() for r in opted_in.images if r.image_id in (7, 42)} == {outside.resolve()}

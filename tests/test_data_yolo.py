@@ -163,3 +163,34 @@ def test_parsing_checks_transforms_and_synthesis_do_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_images_sharing_one_label_file_are_skipped_and_named(tmp_path):
+    data = make_yolo(tmp_path)
+    img_dir = tmp_path / "images" / "train"
+    cv2.imwrite(str(img_dir / "a.png"), np.full((50, 100, 3), 60, np.uint8))  # a.jpg and a.png -> labels/a.txt
+    idx = load_index(data, "train")
+    assert [r.file.name for r in idx.images] == ["b.jpg", "0.jpg"]
+    label = tmp_path / "labels" / "train" / "a.txt"
+    for name, other in (("a.jpg", "a.png"), ("a.png", "a.jpg")):
+        hits = [p for p in idx.problems if p.file == str(img_dir / name)]
+        assert len(hits) == 1 and hits[0].severity == "error"
+        assert str(label) in hits[0].reason and str(img_dir / other) in hits[0].reason
+        assert "skipped" in hits[0].action and "rename" in hits[0].action
+
+
+def test_dangling_symlink_is_reported_not_ignored(tmp_path):
+    data = make_yolo(tmp_path)
+    link = tmp_path / "images" / "train" / "gone.jpg"
+    link.symlink_to(tmp_path / "elsewhere" / "gone.jpg")
+    idx = load_index(data, "train")
+    hits = [p for p in idx.problems if p.file == str(link)]
+    assert len(hits) == 1 and hits[0].severity == "error" and hits[0].action == "image skipped"
+    assert "broken symlink" in hits[0].reason and str(tmp_path / "elsewhere" / "gone.jpg") in hits[0].reason
+    assert len(idx.images) == 3
+    # listed in a .txt image list: the list's line names it
+    (tmp_path / "train.txt").write_text("images/train/a.jpg\nimages/train/gone.jpg\n")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("train: train.txt\nnames: [a, b, c]\n")
+    hits = [p for p in load_index(listed, "train").problems if "gone.jpg" in p.reason]
+    assert len(hits) == 1 and hits[0].line == 2 and "broken symlink" in hits[0].reason

@@ -73,6 +73,26 @@ def test_read_image_errors_name_the_file(tmp_path):
             read_image(tmp_path / name)
 
 
+
+def test_full_probe_names_a_jpeg_whose_scan_data_is_corrupt(tmp_path, capfd):
+    from dfineseg.infer.image_io import probe_image
+
+    ok, buf = cv2.imencode(".jpg", scene(3)[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+    data = buf.tobytes()
+    sos = data.index(b"\xff\xda")
+    start = sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]
+    n = (len(data) - 2 - start) // 5
+    mid = (start + len(data) - 2) // 2
+    path = tmp_path / "garbled.jpg"
+    path.write_bytes(data[:mid] + b"\xaa" * n + data[mid + n :])
+    assert probe_image(path).width == scene(3).shape[1]  # the header check alone cannot see it
+    with pytest.raises(ImageReadError, match=r"garbled\.jpg: corrupt JPEG data \(libjpeg: Corrupt JPEG data"):
+        probe_image(path, decode=True)
+    assert "Corrupt JPEG data" not in capfd.readouterr().err  # captured and turned into the error, not printed
+    (tmp_path / "fine.jpg").write_bytes(data)
+    assert probe_image(tmp_path / "fine.jpg", decode=True).width == scene(3).shape[1]
+
+
 # ------------------------------------------------------------------------------------------ sources
 def test_folder_source_sorted_recursive_with_counted_skips(tmp_path):
     (tmp_path / "sub").mkdir()

@@ -24,6 +24,7 @@ class SplitReport:
     crowd: int = 0
     box_only: int = 0
     problems: list[Problem] = field(default_factory=list)
+    box_only_examples: list[Problem] = field(default_factory=list)  # where the first box-only instances are
 
 
 @dataclass
@@ -54,6 +55,7 @@ def _split_report(index: DatasetIndex) -> SplitReport:
         crowd=sum(1 for r in index.images for i in r.instances if i.iscrowd),
         box_only=sum(1 for r in index.images for i in r.instances if not i.has_mask and not i.iscrowd),
         problems=list(index.problems),
+        box_only_examples=list(index.box_only_examples),
     )
 
 
@@ -106,6 +108,7 @@ def _print(report: CheckReport, resolved, out) -> None:
     for c, name in enumerate(report.names):
         counts = "".join(f"{(s.instances_per_class[c] if c < len(s.instances_per_class) else 0):>10}" for s in splits)
         print(f"{name:<{width}}{counts}", file=out)
+    _print_box_only(splits, out)
     problems = report.problems
     if not problems:
         print("no problems found", file=out)
@@ -118,3 +121,18 @@ def _print(report: CheckReport, resolved, out) -> None:
     )
     for p in problems:
         print(f"  [{p.severity}] {p}", file=out)
+
+
+def _print_box_only(splits: list[SplitReport], out) -> None:
+    """Box-only instances are valid but get no mask loss in the segment task: say where they are."""
+    for s in splits:
+        if not s.box_only:
+            continue
+        print(
+            f"{s.split}: {s.box_only} box-only instances (no polygon/mask; they get no mask loss in the segment task)",
+            file=out,
+        )
+        for p in s.box_only_examples:
+            print(f"  [{p.severity}] {p}", file=out)
+        if s.box_only > len(s.box_only_examples):
+            print(f"  ... {s.box_only - len(s.box_only_examples)} more", file=out)

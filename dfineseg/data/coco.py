@@ -3,7 +3,10 @@
 Segmentations may be polygons (a list of flat [x1,y1,x2,y2,...] lists, parts unioned) or RLE
 (compressed `counts` string or uncompressed `counts` list). Category ids may be any integers: they are
 sorted and mapped to contiguous labels 0..C-1 (`DatasetIndex.category_ids[label]` maps back). Image ids
-are kept. Faulty annotations are skipped and reported by annotation id; the rest is kept.
+are kept. Faulty annotations are skipped and reported by annotation id; the rest is kept. Ids must be
+unique: images sharing an id, annotations sharing an id and annotations of a missing image id are skipped
+and reported, never merged. A `file_name` outside the image folder (absolute elsewhere, or `..` past it) is
+refused unless the caller passes `allow_outside_root=True`.
 
 Where the images are: `file_name` is looked up under the first of these folders that holds the first
 images (root = the json's folder, or its parent when that folder is `annotations/`):
@@ -14,13 +17,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from dfineseg.data.index import (
+    BOX_ONLY_ACTION,
+    BOX_ONLY_EXAMPLES,
+    BOX_ONLY_REASON,
     ERROR,
     INFO,
     WARNING,
@@ -182,25 +189,37 @@ def _parse_segmentation(seg, w: int, h: int) -> tuple[list[np.ndarray] | None, d
 
 
 def load_coco_index(
-    path: str | Path, split: str, decode: bool = False, image_root: str | Path | None = None
+    path: str | Path,
+    split: str,
+    decode: bool = False,
+    image_root: str | Path | None = None,
+    allow_outside_root: bool = False,
 ) -> DatasetIndex:
-    """Parse the annotations of `split` from a COCO json (or a COCO folder)."""
+    """Parse the annotations of `split` from a COCO json (or a COCO folder).
+
+    Ids must be unique: images sharing an id are all skipped (whose annotations they are is unknown),
+    annotations sharing an id are all skipped, annotations of unknown image ids are skipped; all reported.
+    A `file_name` that leaves the image folder (absolute, or `..` past it) is a problem (image skipped)
+    unless `allow_outside_root=True`.
+    """
     json_path, problems = json_for_split(Path(path), split)
     raw = _load_json(json_path)
     category_ids, names = category_mapping(raw["categories"], json_path)
     label_of = {cid: i for i, cid in enumerate(category_ids)}
     src = str(json_path)
 
-    entries: dict[int, dict] = {}
+    entries_by_id: dict[int, list[dict]] = {}
     for img in raw["images"]:
         try:
-            entries[int(img["id"])] = img
+            image_id = int(img["id"])
         except (KeyError, TypeError, ValueError):
             problems.append(Problem(src, None, f"image entry without an integer id: {str(img)[:80]}", "skipped", ERROR))
-    file_names = [str(entries[i].get("file_name", "")) for i in sorted(entries)]
-    root = Path(image_root) if image_root is not None else _image_root(json_path, split, file_names)
+            continue
+        entries_by_id.setdefault(image_id, []).append(img)
+    entries = {i: e[0] for i, e in entries_by_id.items() if len(e) == 1}
 
     anns_by_image: dict[int, list[dict]] = {}
+    anns_by_id: dict[object, list[dict]] = {}
     for ann in raw["annotations"]:
         key = ann.get("image_id") if isinstance(ann, dict) else None
         try:
@@ -208,16 +227,69 @@ def load_coco_index(
         except (TypeError, ValueError):
             pass  # reported below as an unknown image id
         anns_by_image.setdefault(key, []).append(ann)
-    known = set(entries)
+        if isinstance(ann, dict) and ann.get("id") is not None:
+            anns_by_id.setdefault(str(ann["id"]), []).append(ann)
+
+    for image_id, dup in sorted(entries_by_id.items()):
+        if len(dup) == 1:
+            continue
+        n_anns = len(anns_by_image.get(image_id, []))
+        files = [str(e.get("file_name", "")) for e in dup]
+        for f in files:
+            problems.append(Problem(
+                src, None,
+                f"image id {image_id} is used by {len(dup)} images ({', '.join(files)}); this one is {f}: "
+                f"which image its {n_anns} annotation(s) belong to is unknown",
+                "image skipped with its annotations, like every image with this id; give each image its own id "
+                "in `images` and point each annotation's image_id at the right one",
+                ERROR,
+            ))
+    duplicated_ann = {id(a) for anns in anns_by_id.values() if len(anns) > 1 for a in anns}
+    for aid, anns in anns_by_id.items():
+        if len(anns) > 1:
+            owners = ", ".join(str(a.get("image_id")) for a in anns)
+            for a in anns:
+                problems.append(Problem(
+                    src, None,
+                    f"annotation id {aid} is used by {len(anns)} annotations (of image ids {owners}); "
+                    f"this one is of image id {a.get('image_id')}",
+                    "annotation skipped, like every annotation with this id; give each annotation its own id",
+                    WARNING,
+                ))
     for image_id in anns_by_image:
-        if image_id not in known:
-            n = len(anns_by_image[image_id])
-            problems.append(Problem(src, None, f"{n} annotation(s) for unknown image_id {image_id}", "skipped", WARNING))
+        if image_id not in entries_by_id:
+            anns = anns_by_image[image_id]
+            ids = [str(a.get("id")) if isinstance(a, dict) else "?" for a in anns]
+            listed = ", ".join(ids[:10]) + (f", ... {len(ids) - 10} more" if len(ids) > 10 else "")
+            problems.append(Problem(
+                src, None, f"{len(anns)} annotation(s) for image_id {image_id!r}, which no entry in `images` has "
+                f"(annotation ids {listed})",
+                "annotations skipped; add the image to `images` or correct their image_id", WARNING,
+            ))
+
+    file_names = [str(entries[i].get("file_name", "")) for i in sorted(entries)]
+    probe = [f for f in file_names if allow_outside_root or _inside(f)]  # a `..` name must not pick the root
+    root = Path(image_root) if image_root is not None else _image_root(json_path, split, probe)
 
     images: list[ImageRecord] = []
+    box_only: list[Problem] = []
     for image_id in sorted(entries):
         entry = entries[image_id]
-        file = root / str(entry.get("file_name", ""))
+        name = entry.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            problems.append(Problem(
+                src, None, f"image id {image_id}: no usable `file_name` ({name!r})", "image skipped; give its file name", ERROR
+            ))
+            continue
+        if not allow_outside_root and not _within(name, root):
+            problems.append(Problem(
+                src, None, f"image id {image_id}: file_name {name!r} points outside the image folder {root}",
+                "image skipped; move the image under that folder and give a relative file_name, or load with "
+                "allow_outside_root=True if the json is trusted",
+                ERROR,
+            ))
+            continue
+        file = root / name
         try:
             info = probe_image(file, decode=decode)
         except ImageReadError as exc:
@@ -234,6 +306,8 @@ def load_coco_index(
         instances: list[Instance] = []
         seen: set[str] = set()
         for ann in anns_by_image.get(image_id, []):
+            if id(ann) in duplicated_ann:
+                continue  # reported above
             inst, problem = _parse_annotation(ann, w, h, label_of, src)
             if problem is not None:
                 problems.append(problem)
@@ -245,8 +319,41 @@ def load_coco_index(
                 continue
             seen.add(key)
             instances.append(inst)
+            if not inst.has_mask and not inst.iscrowd and len(box_only) < BOX_ONLY_EXAMPLES:
+                box_only.append(Problem(
+                    src, None, f"annotation {ann.get('id')} (image id {image_id}): {BOX_ONLY_REASON}", BOX_ONLY_ACTION, INFO
+                ))
         images.append(ImageRecord(image_id, file, w, h, instances))
-    return DatasetIndex(names, category_ids, images, problems, format="coco", split=split, source=src)
+    return DatasetIndex(
+        names, category_ids, images, problems, format="coco", split=split, source=src, box_only_examples=box_only
+    )
+
+
+def _within(file_name: str, root: Path) -> bool:
+    """`root / file_name` stays inside `root`: a relative name without `..` past it, or an absolute path under
+    it. Lexical, so a symlink the user put inside the root is theirs to follow."""
+    if _inside(file_name):
+        return True
+    if not Path(file_name).is_absolute():
+        return False
+    base = os.path.normcase(os.path.abspath(root)).rstrip(os.sep) + os.sep
+    return os.path.normcase(os.path.normpath(file_name)).startswith(base)
+
+
+def _inside(file_name: str) -> bool:
+    """True when `file_name` is relative and stays inside the folder it is joined to (lexically)."""
+    if not file_name or PurePosixPath(file_name).is_absolute() or PureWindowsPath(file_name).anchor:
+        return False
+    parts = file_name.replace("\\", "/").split("/")
+    depth = 0
+    for part in parts:
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return False
+        elif part not in ("", "."):
+            depth += 1
+    return True
 
 
 def _parse_annotation(

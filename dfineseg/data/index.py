@@ -25,6 +25,13 @@ ERROR = "error"  # the image is skipped
 WARNING = "warning"  # one label line / annotation is skipped, or the split looks wrong
 INFO = "info"  # converted, clipped, deduplicated or background: the data is kept
 
+# Box-only instances (a YOLO `cls cx cy w h` line, a COCO annotation without segmentation) are valid data,
+# not problems, but get no mask loss in the segment task: the index keeps where the first few are, so
+# `data check` can point at them without a million-box detection set costing a Problem per box.
+BOX_ONLY_EXAMPLES = 20
+BOX_ONLY_REASON = "box without a polygon or mask"
+BOX_ONLY_ACTION = "kept as a box: no mask loss for it in the segment task"
+
 
 @dataclass(slots=True)
 class Problem:
@@ -69,6 +76,7 @@ class DatasetIndex:
     format: str = ""  # "yolo" | "coco"
     split: str = ""
     source: str = ""  # the data.yaml / json it came from
+    box_only_examples: list[Problem] = field(default_factory=list)  # the first BOX_ONLY_EXAMPLES, in file order
 
     @property
     def num_classes(self) -> int:

@@ -20,6 +20,9 @@ import numpy as np
 import yaml
 
 from dfineseg.data.index import (
+    BOX_ONLY_ACTION,
+    BOX_ONLY_EXAMPLES,
+    BOX_ONLY_REASON,
     ERROR,
     INFO,
     WARNING,
@@ -122,7 +125,8 @@ def split_images(spec: YoloSpec, split: str) -> tuple[list[Path], list[Problem]]
     for entry in spec.splits[split]:
         p = _resolve(entry, spec.root)
         if p.is_dir():
-            files += [f for f in p.rglob("*") if _is_image(f) and f.is_file()]
+            # a dangling symlink is kept in the list so that probing reports it instead of it vanishing
+            files += [f for f in p.rglob("*") if _is_image(f) and (f.is_file() or _dangling(f))]
         elif p.is_file() and p.suffix.lower() == ".txt":
             try:
                 lines = p.read_text(encoding="utf-8").splitlines()
@@ -137,6 +141,11 @@ def split_images(spec: YoloSpec, split: str) -> tuple[list[Path], list[Problem]]
                     img = _resolve(line, spec.root)  # Ultralytics lists may be relative to the dataset root
                 if img.is_file():
                     files.append(img)
+                elif _dangling(img):
+                    problems.append(Problem(
+                        str(p), n, f"listed image {line} is a broken symlink (its target {os.readlink(img)} does not exist)",
+                        "image skipped; fix or remove the link", ERROR,
+                    ))
                 else:
                     problems.append(Problem(str(p), n, f"listed image {line} does not exist", "skipped", ERROR))
         elif p.is_file() and _is_image(p):
@@ -147,6 +156,10 @@ def split_images(spec: YoloSpec, split: str) -> tuple[list[Path], list[Problem]]
                 f"or an image; fix the path (relative paths start at `path:` = {spec.root})"
             )
     return sorted(set(files), key=lambda f: _sort_key(f, spec.root)), problems
+
+
+def _dangling(p: Path) -> bool:
+    return p.is_symlink() and not p.exists()
 
 
 def _sort_key(f: Path, root: Path) -> str:
@@ -168,9 +181,12 @@ def _clip_coords(values: np.ndarray, lo: float | None = None, hi: float | None =
 
 
 def parse_label_text(
-    text: str, width: int, height: int, num_classes: int, file: str
+    text: str, width: int, height: int, num_classes: int, file: str, box_lines: list[int] | None = None
 ) -> tuple[list[Instance], list[Problem]]:
-    """Parse one YOLO label file's text into instances in pixels of a (width, height) image."""
+    """Parse one YOLO label file's text into instances in pixels of a (width, height) image.
+
+    `box_lines`, when given, receives the line numbers of the kept box-only instances (no mask target).
+    """
     instances: list[Instance] = []
     problems: list[Problem] = []
     seen: set[tuple[float, ...]] = set()
@@ -226,6 +242,8 @@ def parse_label_text(
                 skip(n, "box has no area inside the image")
                 continue
             instances.append(Instance(int(cls), box))
+            if box_lines is not None:
+                box_lines.append(n)
         else:
             pts, clipped = _clip_coords(coords, lo, hi)
             if pts is None:
@@ -256,7 +274,20 @@ def load_yolo_index(yaml_path: str | Path, split: str, decode: bool = False) -> 
     if not files:
         where = ", ".join(str(_resolve(e, spec.root)) for e in spec.splits[split])
         problems.append(Problem(str(spec.yaml_path), None, f"split '{split}' has no images (looked in {where})", "nothing to load", WARNING))
+    shared = _images_sharing_a_label(files)
+    box_only: list[Problem] = []
     for image_id, img in enumerate(files, 1):  # ids follow the sorted relative paths, stable across runs
+        if img in shared:
+            label, others = shared[img]
+            problems.append(Problem(
+                str(img), None,
+                f"shares the label file {label} with {', '.join(str(o) for o in others)}: "
+                "which image its lines belong to is unknown",
+                "image skipped, and so is every image sharing that file; rename the images (and the label file) "
+                "so each image has its own",
+                ERROR,
+            ))
+            continue
         try:
             info = probe_image(img, decode=decode)
         except ImageReadError as exc:
@@ -283,10 +314,15 @@ def load_yolo_index(yaml_path: str | Path, split: str, decode: bool = False) -> 
             if text is not None and not text.strip():
                 problems.append(Problem(str(label), None, "empty label file", "background image, kept", INFO))
             elif text is not None:
+                box_lines: list[int] = []
                 instances, line_problems = parse_label_text(
-                    text, info.width, info.height, len(spec.names), str(label)
+                    text, info.width, info.height, len(spec.names), str(label), box_lines
                 )
                 problems += line_problems
+                box_only += [
+                    Problem(str(label), n, BOX_ONLY_REASON, BOX_ONLY_ACTION, INFO)
+                    for n in box_lines[: max(0, BOX_ONLY_EXAMPLES - len(box_only))]
+                ]
         images.append(ImageRecord(image_id, img, info.width, info.height, instances))
     if images and n_missing_labels == len(images):
         problems.append(
@@ -305,4 +341,19 @@ def load_yolo_index(yaml_path: str | Path, split: str, decode: bool = False) -> 
         format="yolo",
         split=split,
         source=str(spec.yaml_path),
+        box_only_examples=box_only,
     )
+
+
+def _images_sharing_a_label(files: list[Path]) -> dict[Path, tuple[Path, list[Path]]]:
+    """image -> (its label file, the other images mapped to it), for label files that exist and serve
+    several images (a.jpg and a.png -> labels/a.txt)."""
+    by_label: dict[Path, list[Path]] = {}
+    for f in files:
+        by_label.setdefault(label_path_for(f), []).append(f)
+    shared: dict[Path, tuple[Path, list[Path]]] = {}
+    for label, imgs in by_label.items():
+        if len(imgs) > 1 and (label.exists() or label.is_symlink()):
+            for img in imgs:
+                shared[img] = (label, [o for o in imgs if o != img])
+    return shared
