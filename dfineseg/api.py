@@ -18,11 +18,11 @@ def _resolve(cfg: Any, overrides: dict[str, Any], aliases: dict[str, str]) -> An
     for key, value in overrides.items():
         set_path(nested, aliases.get(key, key), value)
     if cfg is None or isinstance(cfg, str | Path):
-        return load_config(cfg, nested or None)
+        return load_config(cfg, nested or None, aliases=aliases)
     if isinstance(cfg, Config):
-        return build_config(deep_merge(cfg.to_dict(), nested), "config") if nested else cfg
+        return build_config(deep_merge(cfg.to_dict(), nested), "config", aliases) if nested else cfg
     if isinstance(cfg, dict):
-        return build_config(deep_merge(cfg, nested), "config")
+        return build_config(deep_merge(cfg, nested), "config", aliases)
     raise TypeError(f"cfg must be a Config, a YAML path, a dict or None, got {type(cfg).__name__}")
 
 

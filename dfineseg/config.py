@@ -9,6 +9,7 @@ together with `SCHEMA_VERSION`.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,18 +27,50 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _pixels(value: Any) -> int:
+    """A whole number of pixels; 128.9 is refused rather than silently cut to 128."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected whole numbers of pixels, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError("image sizes are whole numbers of pixels (multiples of 32)")
+    return int(value)
+
+
 def _imgsz(value: Any) -> tuple[int, int]:
-    """`640` -> (640, 640); `[480, 640]` -> (H=480, W=640). Multiples of 32 only."""
+    """`640` -> (640, 640); `[480, 640]` -> (H=480, W=640). Whole multiples of 32 only."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        hw = (int(value), int(value))
+        hw = (_pixels(value), _pixels(value))
     elif isinstance(value, list | tuple) and len(value) == 2:
-        hw = (int(value[0]), int(value[1]))
+        hw = (_pixels(value[0]), _pixels(value[1]))
     else:
         raise ValueError("expected an int or [height, width]")
     for side in hw:
         if side <= 0 or side % 32:
             raise ValueError(f"each side must be a positive multiple of 32, got {list(hw)}")
     return hw
+
+
+_DEVICES = "use auto, cpu, cuda, cuda:N or N (GPU N)"
+
+
+def _train_device(value: Any) -> str:
+    """auto | cpu | cuda | cuda:N | mps, or a bare GPU number N (-> cuda:N), as torch and the trainer take it."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected a device name; {_DEVICES}")
+    text = str(value).strip().lower()
+    if text.isdigit():
+        return f"cuda:{int(text)}"
+    if text in ("auto", "cpu", "cuda", "mps"):
+        return text
+    match = re.fullmatch(r"cuda:(\d+)", text)
+    if match:
+        return f"cuda:{int(match.group(1))}"
+    if "," in text:
+        raise ValueError(
+            "several devices; a training process uses one: for several GPUs set gpus=N "
+            "(one process per GPU through torchrun), or pick one device: " + _DEVICES
+        )
+    raise ValueError(f"not a device; {_DEVICES}")
 
 
 def _comma_list(value: Any) -> Any:
@@ -194,13 +227,16 @@ class TrainConfig(Section):
     save_every_steps: int | None = Field(None, ge=1)
     save_every_epochs: int = Field(1, ge=1, description="last.pt every N epochs (and at the end); 1: each epoch")
     best_metric: str = "mask_f1"
-    max_nonfinite: int = Field(10, ge=1, description="consecutive non-finite losses before the run stops")
+    max_nonfinite: int = Field(10, ge=1, description="consecutive non-finite steps (loss or gradient) before the run "
+                               "stops; it also stops when most steps so far, or half of the last 20, were non-finite")
     val_every: int = Field(1, ge=1)
     plot_images: int = Field(4, ge=0)
     tensorboard: bool = Field(True, description="TensorBoard scalars in <run>/tensorboard (if installed)")
     device: str = "auto"
     resume: str | None = None
     gpus: int = Field(1, ge=1)
+
+    _device = field_validator("device", mode="before")(lambda cls, v: _train_device(v))
 
 
 # ---------------------------------------------------------------- evaluation, export, inference, bench
@@ -297,7 +333,10 @@ class Config(Section):
         return self.model_dump(mode="json")
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        """Atomic, like every file of a run folder: a kill leaves the old file or the new one."""
+        from dfineseg.utils.io import atomic_write_bytes
+
+        atomic_write_bytes(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode("utf-8"))
 
 
 # Short keys accepted on the command line, per subcommand, so `dfineseg train data=x epochs=3` works.
@@ -337,6 +376,46 @@ def _suggest(key: str, allowed: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; allowed keys: {', '.join(sorted(allowed))}"
 
 
+def _leaf_paths() -> dict[str, list[str]]:
+    """Setting name -> its dotted paths in every section (`batch` -> train.batch, eval.batch, ...)."""
+    out: dict[str, list[str]] = {}
+
+    def walk(model: Any, prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            else:
+                out.setdefault(name, []).append(f"{prefix}{name}")
+
+    for section, field in Config.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            walk(field.annotation, f"{section}.")
+    return out
+
+
+def _suggest_top_level(key: str, aliases: dict[str, str] | None) -> str:
+    """A top-level key that is no section: the command's short forms (`epoch` -> `epochs`), the sections and
+    every setting's own name (`warmup_iters` -> `train.warmup_iters`) are the candidates."""
+    aliases = aliases or {}
+    sections = [n for n, f in Config.model_fields.items()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)]
+    leaves = _leaf_paths()
+    if key in aliases:  # only possible from a YAML file: short forms are for the command line
+        return f"; '{key}' is a command-line short form: in a YAML file write it as {aliases[key]}"
+    candidates = list(dict.fromkeys([*aliases, *sections, *leaves]))
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if not close:
+        short = f"; short keys: {', '.join(sorted(aliases))}" if aliases else ""
+        return f"; write section.key=value (sections: {', '.join(sections)}){short}"
+    name = close[0]
+    if name in aliases:
+        return f"; did you mean '{name}' ({aliases[name]})?"
+    if name in sections:
+        return f"; did you mean '{name}' (the section: {name}.KEY)?"
+    return "; did you mean " + " or ".join(f"'{p}'" for p in leaves[name]) + "?"
+
+
 def _section_fields(loc: tuple[Any, ...]) -> list[str]:
     model: Any = Config
     for part in loc:
@@ -347,12 +426,14 @@ def _section_fields(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(exc: ValidationError, source: str, aliases: dict[str, str] | None = None) -> str:
     lines = [f"invalid config ({source}):"]
     for err in exc.errors():
         loc = tuple(err["loc"])
         path = ".".join(str(p) for p in loc)
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and len(loc) == 1:
+            lines.append(f"  - unknown key '{path}'{_suggest_top_level(str(loc[0]), aliases)}")
+        elif err["type"] == "extra_forbidden":
             hint = _suggest(str(loc[-1]), _section_fields(loc[:-1]))
             lines.append(f"  - unknown key '{path}'{hint}")
         else:
@@ -362,11 +443,12 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def build_config(raw: dict[str, Any], source: str = "config") -> Config:
+def build_config(raw: dict[str, Any], source: str = "config", aliases: dict[str, str] | None = None) -> Config:
+    """Validate; `aliases` (the command's short keys) only improve the did-you-mean of unknown keys."""
     try:
         return Config.model_validate(_migrate(raw))
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source, aliases)) from None
 
 
 def load_config(
@@ -376,9 +458,10 @@ def load_config(
 ) -> Config:
     """Base YAML (with its `base:` chain) + overrides -> validated Config."""
     raw: dict[str, Any] = load_yaml_with_bases(path) if path else {}
+    aliases = aliases if aliases is not None else TRAIN_ALIASES
     if isinstance(overrides, list):
-        overrides = parse_overrides(overrides, aliases if aliases is not None else TRAIN_ALIASES)
+        overrides = parse_overrides(overrides, aliases)
     if overrides:
         raw = deep_merge(raw, overrides)
     source = str(path) if path else "command line"
-    return build_config(raw, source)
+    return build_config(raw, source, aliases)

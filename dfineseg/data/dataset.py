@@ -8,6 +8,7 @@ same whichever worker builds it, and runs are reproducible.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections.abc import Iterable, Iterator
 
 import cv2
@@ -48,7 +49,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.epochs = epochs
         self.failed: dict[str, str] = {}
-        self._worker_ready = False
         self.augment = TrainAugment(augment_cfg, load_random=self._load_random) if train else None
 
     def __len__(self) -> int:
@@ -104,11 +104,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 epoch = self.epoch
         else:
             i = int(key)
-        if not self._worker_ready and torch.utils.data.get_worker_info() is not None:
-            # Each loader worker is one process already; OpenCV's own thread pool per worker only
-            # oversubscribes the cores.
-            cv2.setNumThreads(1)
-            self._worker_ready = True
         rng = np.random.default_rng([self.seed, epoch, i])
         sample = self._load_or_replace(i, rng)
         orig_size = sample.orig_size
@@ -116,6 +111,44 @@ class SegmentationDataset(torch.utils.data.Dataset):
             sample = self.augment(sample, rng, hw)
         sample = rasterize(resize_to_network(sample, hw, self.resize_mode, min_size=2.0 if self.train else 0.0))
         return to_tensors(sample, orig_size)
+
+
+# ---------------------------------------------------------------- loader workers
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How loader workers are started: from a fork server (spawn where there is none), never by fork.
+
+    A forked worker inherits the parent's OpenCV thread pool in a broken state: once the parent has run
+    an OpenCV call that used the pool (validation drawing or resizing full-size images), any pool call in
+    the child, `cv2.setNumThreads(1)` included, waits forever for threads that do not exist there (the run
+    hung at the start of epoch 2 at 0% CPU). Starting workers before any OpenCV use cannot be guaranteed
+    (a resumed run, a second `train()` in one process, a user's script), so workers come from a process
+    that never runs OpenCV: the fork server, a fresh interpreter started once. It preloads this module,
+    so each epoch's workers start by a cheap fork instead of a full spawn re-importing torch and cv2.
+    Workers receive the dataset by pickling (it holds only the index and plain settings).
+    """
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" not in methods:
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # Takes effect when the server starts (first use); '__main__' is left out on purpose: a user script
+    # without an `if __name__ == "__main__":` guard would otherwise run inside the server.
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def init_worker(worker_id: int) -> None:
+    """Runs first in every loader worker: one thread each for OpenCV and torch. Each worker is a process
+    already; thread pools inside workers only oversubscribe the cores. Safe here because the worker was
+    not forked from a process whose pool was running (see `worker_context`)."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def worker_options(num_workers: int) -> dict:
+    """DataLoader keyword arguments for `num_workers` workers started the safe way."""
+    if num_workers <= 0:
+        return {"num_workers": 0}
+    return {"num_workers": num_workers, "multiprocessing_context": worker_context(), "worker_init_fn": init_worker}
 
 
 def to_tensors(sample: Sample, orig_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
@@ -224,6 +257,6 @@ def make_dataloader(index: DatasetIndex, data_cfg, train: bool, batch_size: int,
     )
     n_workers = data_cfg.workers if workers is None else workers
     return torch.utils.data.DataLoader(
-        ds, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=n_workers,
-        persistent_workers=n_workers > 0, pin_memory=False,
+        ds, batch_sampler=batch_sampler, collate_fn=collate_fn, persistent_workers=n_workers > 0, pin_memory=False,
+        **worker_options(n_workers),
     )

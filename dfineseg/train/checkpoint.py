@@ -10,6 +10,7 @@ best_fitness, plus trainer bookkeeping (epoch_step, nonfinite_steps, elapsed_s, 
 from __future__ import annotations
 
 import copy
+import errno
 import pickle
 import random
 from collections.abc import Callable
@@ -28,6 +29,15 @@ _REQUIRED = ("schema_version", "config", "names", "model")
 
 class CheckpointError(UserError, ValueError):
     """A file that is missing, truncated, not a dfineseg checkpoint, or from a newer dfineseg."""
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (disk full, permissions); the previous file is intact."""
+
+
+# Size-dependent caches (decoder anchors hold +inf at invalid positions by design): neither real weights
+# nor rebuilt from the file.
+CACHE_SUFFIXES = ("anchors", "valid_mask")
 
 
 # version -> function upgrading a checkpoint dict of that version to version + 1. Version 1 is the
@@ -101,14 +111,61 @@ def _to_cpu(tree: Any) -> Any:
     return tree
 
 
+def nonfinite_weights(state: dict[str, Any] | None) -> list[str]:
+    """Names of floating tensors in a state dict holding NaN or inf (caches like the anchors excepted)."""
+    bad = []
+    for name, value in (state or {}).items():
+        if (isinstance(value, torch.Tensor) and value.is_floating_point() and not name.endswith(CACHE_SUFFIXES)
+                and not bool(torch.isfinite(value).all())):
+            bad.append(name)
+    return bad
+
+
+def _write_failure(exc: BaseException) -> str:
+    """Why a write failed, in words; torch buries the OS reason inside its own message, or drops it."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for e in chain:
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return "No space left on device"
+    for e in chain:
+        if isinstance(e, OSError) and e.errno == getattr(errno, "EDQUOT", None):
+            return "disk quota exceeded"
+    for e in chain:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+    text = " ".join(str(exc).split())
+    if "PytorchStreamWriter failed" in text or "file write failed" in text:
+        # torch reports only that the write failed; a full disk is by far the most common cause.
+        return "the write failed (most likely No space left on device)"
+    return text[:300] or type(exc).__name__
+
+
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
-    """Atomic: a kill at any moment leaves the previous file or the new one, never a torn file."""
+    """Atomic: a kill at any moment leaves the previous file or the new one, never a torn file.
+
+    A failed write (disk full, permissions) raises `CheckpointWriteError` naming the file, the reason and
+    the fix; the temp file is removed and the previous checkpoint at `path` is untouched.
+    """
     from dfineseg import __version__
 
+    path = Path(path)
     out = dict(ckpt)
     out.setdefault("schema_version", CHECKPOINT_SCHEMA)
     out.setdefault("dfineseg_version", __version__)
-    atomic_torch_save(_to_cpu(out), path)
+    out = _to_cpu(out)
+    try:
+        atomic_torch_save(out, path)
+    except (OSError, RuntimeError) as exc:
+        kept = f"the previous {path.name} is kept intact" if path.is_file() else f"no earlier {path.name} existed"
+        raise CheckpointWriteError(
+            f"could not write checkpoint {path}: {_write_failure(exc)}. Nothing was replaced ({kept}: checkpoints "
+            f"are written to a temporary file first). Free space on the disk holding {path.parent} (or train "
+            "into another folder with project=...), then continue with resume= pointing at the last.pt kept"
+        ) from exc
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -167,7 +224,7 @@ def load_model_from_checkpoint(
     state = ckpt["ema"] if use_ema else ckpt["model"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Size-dependent caches (decoder anchors) may be absent or rebuilt; anything else is a real mismatch.
-    real_missing = [k for k in missing if not k.endswith(("anchors", "valid_mask"))]
+    real_missing = [k for k in missing if not k.endswith(CACHE_SUFFIXES)]
     if real_missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not fit the model built from its config "

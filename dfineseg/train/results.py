@@ -17,11 +17,20 @@ PLOT_KEYS = (
 )
 
 
-class ResultsLog:
-    """One row per epoch; the whole CSV is rewritten atomically each time (columns may grow)."""
+def _output_path(run_dir: Path, outputs: Any, name: str) -> Path:
+    """`run_dir / name`, claimed through the run's `OutputFolder` when there is one (never a user's file)."""
+    return outputs.claim(name) if outputs is not None else run_dir / name
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+
+class ResultsLog:
+    """One row per epoch; the whole CSV is rewritten atomically each time (columns may grow).
+
+    `outputs` (a `dfineseg.utils.outputs.OutputFolder` on `run_dir`) vets every file before it is written.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, outputs: Any = None) -> None:
         self.run_dir = run_dir
+        self.outputs = outputs
         self.csv_path = run_dir / "results.csv"
         self.rows: list[dict[str, Any]] = []
         self.writer = None
@@ -31,7 +40,7 @@ class ResultsLog:
             except ImportError:  # tensorboard is optional; the CSV and PNG carry the same numbers
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                self.writer = SummaryWriter(str(_output_path(run_dir, outputs, "tensorboard")))
 
     def load_existing(self, up_to_epoch: int) -> None:
         """On resume: keep the rows of epochs already finished (a later crash may have added none)."""
@@ -52,7 +61,7 @@ class ResultsLog:
         writer.writeheader()
         for r in self.rows:
             writer.writerow({k: _fmt(r.get(k)) for k in columns})
-        atomic_write_bytes(self.csv_path, buf.getvalue().encode("utf-8"))
+        atomic_write_bytes(_output_path(self.run_dir, self.outputs, "results.csv"), buf.getvalue().encode("utf-8"))
         if self.writer is not None:
             step = int(row.get("epoch", len(self.rows)))
             for key, value in row.items():
@@ -86,7 +95,7 @@ class ResultsLog:
             ax.tick_params(labelsize=7)
         for ax in list(axes.flat)[len(present):]:
             ax.axis("off")
-        out = self.run_dir / "results.png"
+        out = _output_path(self.run_dir, self.outputs, "results.png")
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=80)
         plt.close(fig)
@@ -111,7 +120,12 @@ def _fmt(value: Any) -> Any:
     return "" if value is None else value
 
 
-def save_prediction_images(records: list[Any], predictions: list[Any], names: list[str], out_dir: Path) -> list[Path]:
+def prediction_image_name(record: Any) -> str:
+    return f"val_pred_{record.image_id}.jpg"
+
+
+def save_prediction_images(records: list[Any], predictions: list[Any], names: list[str], out_dir: Path,
+                           outputs: Any = None) -> list[Path]:
     import cv2
 
     from dfineseg.data import read_image
@@ -121,9 +135,9 @@ def save_prediction_images(records: list[Any], predictions: list[Any], names: li
     paths = []
     for rec, dets in zip(records, predictions):
         drawn = draw_detections(read_image(rec.file), dets, names)
-        path = out_dir / f"val_pred_{rec.image_id}.jpg"
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
         if ok:
+            path = _output_path(out_dir, outputs, prediction_image_name(rec))
             atomic_write_bytes(path, buf.tobytes())
             paths.append(path)
     return paths

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import random
+import re
 import resource
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from dfineseg.infer.errors import UserError
+from dfineseg.overrides import ConfigError
 from dfineseg.train import distributed as D
 from dfineseg.train.checkpoint import (
     CHECKPOINT_SCHEMA,
@@ -30,17 +34,42 @@ from dfineseg.train.checkpoint import (
     capture_rng,
     config_from_checkpoint,
     load_checkpoint,
+    nonfinite_weights,
     restore_rng,
     save_checkpoint,
 )
 from dfineseg.train.ema import ModelEMA, unwrap
-from dfineseg.train.optim import LRSchedule, build_optimizer
-from dfineseg.train.results import ResultsLog, save_prediction_images
+from dfineseg.train.optim import LRSchedule, build_optimizer, resolve_optim_settings
+from dfineseg.train.results import ResultsLog, prediction_image_name, save_prediction_images
 from dfineseg.train.sampler import ResumableBatchSampler
+from dfineseg.utils.outputs import LEDGER, OutputConflictError, OutputFolder
 
 
 class TrainingDiverged(UserError, RuntimeError):
-    """Too many consecutive non-finite losses; the last good checkpoint is kept."""
+    """Too many non-finite losses or gradients; the last checkpoint with finite weights is kept."""
+
+
+# The divergence guard: a run stops when this share of the last NONFINITE_WINDOW steps was skipped, or when
+# most of its steps so far were (at least two), or after train.max_nonfinite skipped steps in a row.
+NONFINITE_WINDOW = 20
+NONFINITE_WINDOW_SHARE = 0.5
+
+# Settings that may differ from the checkpoint's on resume: they change neither the model, the data order
+# nor the optimisation up to the checkpoint, so the continued run is the same run. `train.epochs` re-plans
+# the learning-rate schedule's length from the current step on; the sections training never reads (export,
+# infer, bench) are stored with the run for later commands.
+RESUME_CHANGEABLE = (
+    "train.device", "data.workers", "data.path", "train.epochs", "train.patience", "train.save_every_steps",
+    "train.save_every_epochs", "train.val_every", "train.plot_images", "train.tensorboard",
+    "train.max_nonfinite", "eval.batch", "eval.plots",
+)
+RESUME_FREE_SECTIONS = ("export", "infer", "bench")
+
+# Temp files of atomic writes (dfineseg.utils.io: mkstemp prefix ".{name}." suffix ".tmp") of the files the
+# trainer writes; a kill -9 in the middle of a save leaves one behind.
+_STALE_TEMP = re.compile(
+    r"^\.(last\.pt|best\.pt|config\.yaml|results\.csv|results\.png|val_pred_\d+\.jpg)\.[a-z0-9_]{8}\.tmp$"
+)
 
 
 # ---------------------------------------------------------------- small helpers
@@ -63,6 +92,51 @@ def increment_run_dir(project: str | Path, name: str, exist_ok: bool) -> Path:
     while (Path(project) / f"{name}{n}").exists():
         n += 1
     return Path(project) / f"{name}{n}"
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temp files an interrupted checkpoint/result save left in `run_dir` (exact pattern only)."""
+    removed = []
+    if run_dir.is_dir():
+        for entry in run_dir.iterdir():
+            if _STALE_TEMP.match(entry.name) and entry.is_file() and not entry.is_symlink():
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
+def _explicit_settings(cfg: Any) -> dict[str, Any]:
+    """Dotted key -> value (JSON form) of every setting given explicitly (YAML, overrides, assignment)."""
+    from pydantic import BaseModel
+
+    dumped = cfg.to_dict()
+    out: dict[str, Any] = {}
+
+    def walk(section: BaseModel, values: dict[str, Any], prefix: str) -> None:
+        for name in section.model_fields_set:
+            value = getattr(section, name)
+            if isinstance(value, BaseModel):
+                walk(value, values.get(name) or {}, f"{prefix}{name}.")
+            else:
+                out[f"{prefix}{name}"] = values.get(name)
+
+    walk(cfg, dumped, "")
+    return out
+
+
+def _lookup(tree: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a == b
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def targets_to(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
@@ -97,6 +171,13 @@ class Trainer:
     """`Trainer(cfg).fit()` -> Path of best.pt. `cfg.train.resume=runs/x/last.pt` continues that run."""
 
     def __init__(self, cfg: Any, criterion_hook: Any = None) -> None:
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # A loader worker is importing the user's script (workers start from a fork server, see
+            # dfineseg.data.dataset.worker_context): the script runs training at import time.
+            raise UserError(
+                "training was started while a data-loader worker imported your script: put the code that calls "
+                "dfineseg.api.train() / Trainer under `if __name__ == \"__main__\":`, or set data.workers=0"
+            )
         if cfg.train.gpus > 1 and not D.launched_by_torchrun():
             raise UserError(
                 f"train.gpus={cfg.train.gpus} needs one process per GPU: run `make train GPUS={cfg.train.gpus}` or "
@@ -104,6 +185,7 @@ class Trainer:
             )
         self.dist = D.init_distributed(cfg.train.device)
         self.resume_ckpt: dict[str, Any] | None = None
+        self.resume_epochs: int | None = None
         if cfg.train.resume:
             self.resume_ckpt = load_checkpoint(cfg.train.resume)
             if self.resume_ckpt.get("optimizer") is None:
@@ -116,24 +198,62 @@ class Trainer:
         self.criterion_hook = criterion_hook
         self.stop_reason = ""
 
-    @staticmethod
-    def _resume_config(cfg: Any, ckpt: dict[str, Any]) -> Any:
-        """The checkpoint's own config; only the machine-dependent keys (device, workers) come from `cfg`."""
-        from dfineseg.config import build_config
+    def _resume_config(self, cfg: Any, ckpt: dict[str, Any]) -> Any:
+        """The checkpoint's own config. Explicit settings that differ from it are applied when they may change
+        on resume (RESUME_CHANGEABLE, printed) and refused otherwise: a resumed run is the same run, and an
+        override silently ignored is a run the user did not ask for."""
+        from dfineseg.config import Config, build_config
+        from dfineseg.overrides import set_path
 
+        resume = cfg.train.resume
+        raw_saved = ckpt["config"]
+        defaults = Config().to_dict()
         saved = config_from_checkpoint(ckpt).to_dict()
-        saved["train"]["device"] = cfg.train.device
+        saved["train"]["device"] = cfg.train.device  # machine-dependent: always this machine's
         saved["data"]["workers"] = cfg.data.workers
-        saved["train"]["resume"] = cfg.train.resume
-        saved["data"]["path"] = ckpt["config"]["data"].get("path")
+        saved["train"]["resume"] = resume
+        old_path = raw_saved.get("data", {}).get("path")
+        saved["data"]["path"] = old_path
+        applied: list[str] = []
+        refused: list[str] = []
+        for key, given in sorted(_explicit_settings(cfg).items()):
+            if key in ("schema_version", "train.resume", "train.device", "data.workers"):
+                continue
+            before = _lookup(raw_saved, key, _lookup(defaults, key))
+            if key == "data.path" and _same_path(given, before):
+                continue
+            if given == before or (isinstance(given, list) and isinstance(before, list | tuple)
+                                   and list(before) == given):
+                continue
+            change = f"{key} {before!r} -> {given!r}"
+            if key in RESUME_CHANGEABLE or key.split(".")[0] in RESUME_FREE_SECTIONS:
+                set_path(saved, key, given)
+                applied.append(change)
+                if key == "train.epochs":
+                    self.resume_epochs = int(given)
+            else:
+                refused.append(change)
+        if refused:
+            changeable = ", ".join(k.replace("train.", "").replace("data.path", "data") for k in RESUME_CHANGEABLE)
+            raise ConfigError(
+                f"resume={resume} continues that run with the settings stored in it; these overrides cannot "
+                f"change on resume: {'; '.join(refused)}. Drop them to resume, or start a new run from its "
+                f"weights with model.weights={resume} and the new settings. Settings that may change on "
+                f"resume: {changeable}"
+            )
         if saved["data"]["path"] is None or not Path(saved["data"]["path"]).exists():
             if cfg.data.path is None:
                 raise UserError(
-                    f"{cfg.train.resume}: the run's dataset {ckpt['config']['data'].get('path')} is gone; "
-                    "pass data=PATH to resume on its new location"
+                    f"{resume}: the run's dataset {old_path} is gone; pass data=PATH to resume on its new location"
                 )
             saved["data"]["path"] = cfg.data.path
-        return build_config(saved, f"config of {cfg.train.resume}")
+            if not any(a.startswith("data.path ") for a in applied):
+                applied.append(f"data.path {old_path!r} -> {cfg.data.path!r}")
+        if applied and self.dist.is_main:
+            print(f"resume {resume}: applying " + "; ".join(applied)
+                  + (" (the learning-rate schedule is re-planned for the new length)" if self.resume_epochs else ""),
+                  file=sys.stderr)
+        return build_config(saved, f"config of {resume}")
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -155,6 +275,12 @@ class Trainer:
                 print(index.summary(), file=sys.stderr)
         self.names = list(self.train_index.names)
         self.category_ids = list(self.train_index.category_ids)
+        if self.resume_ckpt is not None and list(self.resume_ckpt["names"]) != self.names:
+            raise UserError(
+                f"resume={tcfg.resume}: the dataset {cfg.data.path} has classes {self.names}, the run was trained "
+                f"on {list(self.resume_ckpt['names'])}; resume on the run's dataset, or start a new run with "
+                f"model.weights={tcfg.resume}"
+            )
         num_classes = len(self.names)
         if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
             raise UserError(
@@ -163,6 +289,8 @@ class Trainer:
             )
         self.task = cfg.model.task
         self.best_metric = default_best_metric(tcfg.best_metric, self.task)
+        self.is_main = self.dist.is_main
+        self._open_run_folder()
 
         # Augmentation randomness is drawn per item from (seed, epoch, index) inside the dataset, so it is
         # the same with any number of workers and after a resume.
@@ -217,25 +345,113 @@ class Trainer:
         self.best_epoch = -1
         self.nonfinite_total = 0
         self.nonfinite_run = 0
+        self.nonfinite_recent: deque[bool] = deque(maxlen=NONFINITE_WINDOW)
         self.elapsed_before = 0.0
         self.epoch_times: list[float] = []
         self.last_metrics: dict[str, float] = {}
         if self.resume_ckpt is not None:
-            self.run_dir = Path(self.tcfg.resume).resolve().parent
             self._restore(self.resume_ckpt)
-        else:
-            # Rank 0 picks the folder (runs/exp2 ...) so every rank names the same one.
-            self.run_dir = Path(D.broadcast_object(str(increment_run_dir(tcfg.project, tcfg.name, tcfg.exist_ok).resolve())))
-        self.is_main = self.dist.is_main
+            if self.resume_epochs is not None:
+                if self.resume_epochs < self.epoch:
+                    raise ConfigError(
+                        f"epochs={self.resume_epochs} but {tcfg.resume} has already finished {self.epoch} epochs; "
+                        f"pass epochs={self.epoch + 1} or more to train longer, or drop epochs= to resume as planned"
+                    )
+                self._plan_epochs(self.resume_epochs)
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.cfg.save(self.run_dir / "config.yaml")
-            self.log = ResultsLog(self.run_dir, tensorboard=tcfg.tensorboard)
+            self.cfg.save(self._claim("config.yaml"))
+            self.log = ResultsLog(self.run_dir, tensorboard=tcfg.tensorboard, outputs=self.outputs)
             self._last_plot = 0.0
             if self.resume_ckpt is not None:
                 # results.csv rows are 1-based epochs; keep those finished before the checkpoint.
                 self.log.load_existing(self.epoch)
         D.barrier()
+
+    # ------------------------------------------------------------------ the run folder
+    def _open_run_folder(self) -> None:
+        """Pick the run folder and vet it before any work: every file the trainer will write there must be
+        new or written by dfineseg before (`OutputFolder`'s ledger), and the run's inputs (dataset files,
+        start weights, a resume file not named last.pt) are never written."""
+        tcfg = self.tcfg
+        if self.resume_ckpt is not None:
+            self.run_dir = Path(tcfg.resume).resolve().parent
+        else:
+            # Rank 0 picks the folder (runs/exp2 ...) so every rank names the same one.
+            self.run_dir = Path(D.broadcast_object(str(increment_run_dir(tcfg.project, tcfg.name, tcfg.exist_ok).resolve())))
+        if self.resume_ckpt is not None and self.is_main:
+            self._adopt_legacy_run_folder()
+        D.barrier()
+        protect: list[str | Path] = [self.cfg.data.path]
+        for index in (self.train_index, self.val_index):
+            folders = {Path(rec.file).parent for rec in index.images}
+            if index.format == "yolo":
+                from dfineseg.data.yolo import label_path_for
+
+                folders |= {label_path_for(Path(rec.file)).parent for rec in index.images}
+            protect += sorted(folders)
+        for start in (self.cfg.model.weights, self.cfg.model.backbone_weights):
+            if start:
+                protect.append(start)
+        if tcfg.resume and Path(tcfg.resume).name != "last.pt":
+            protect.append(tcfg.resume)
+        try:
+            self.outputs = OutputFolder(self.run_dir, command="train", protect=protect)
+        except OutputConflictError as exc:
+            raise OutputConflictError(f"{exc} (train: the run folder is project/name, here {self.run_dir})") from None
+        names = ["config.yaml", "results.csv", "results.png", "last.pt", "best.pt", "val"]
+        if tcfg.tensorboard:
+            names.append("tensorboard")
+        names += [prediction_image_name(rec) for rec in self.val_index.images[: tcfg.plot_images]]
+        for name in names:
+            self._check_output(name)
+        if self.is_main:
+            removed = remove_stale_temp_files(self.run_dir)
+            if removed:
+                print(f"removed {len(removed)} temp file(s) left in {self.run_dir} by an interrupted save: "
+                      + ", ".join(p.name for p in removed), file=sys.stderr)
+        # Checkpoints of this run (name -> step): on divergence the message names what is kept.
+        self.saved_checkpoints: dict[str, int] = {}
+        if self.resume_ckpt is not None:
+            self.saved_checkpoints = {n: int(self.resume_ckpt["step"]) for n in ("last.pt", "best.pt")
+                                      if (self.run_dir / n).is_file()}
+
+    def _adopt_legacy_run_folder(self) -> None:
+        """A run folder written before output ledgers existed holds a dfineseg checkpoint (the resume file
+        just loaded) but no ledger: record the trainer's own files as dfineseg's so the resumed run may
+        update them. Folders with a ledger are left to it."""
+        if (self.run_dir / LEDGER).exists():
+            return
+        own = ["config.yaml", "results.csv", "results.png", "last.pt", "best.pt", "val", "tensorboard"]
+        own += sorted(p.name for p in self.run_dir.glob("val_pred_*.jpg"))
+        present = [n for n in own if (self.run_dir / n).exists()]
+        if present:
+            with open(self.run_dir / LEDGER, "a", encoding="utf-8") as ledger:
+                ledger.write("".join(n + "\n" for n in present))
+
+    def _conflict(self, exc: OutputConflictError, rel: str) -> OutputConflictError:
+        path = self.run_dir / rel
+        if (path.exists() or path.is_symlink()) and not self.outputs.owns(rel):
+            return OutputConflictError(
+                f"train: {path} already exists and was not written by dfineseg, so it is left untouched; train "
+                "into another folder (name=NEW or project=DIR; without exist_ok=true a new folder name2, name3 ... "
+                "is picked) or move that file away"
+            )
+        return OutputConflictError(
+            f"train: {path} is one of this run's inputs (dataset files, model.weights or the resume file) and is "
+            "never written; choose a run folder outside them with project= / name="
+        )
+
+    def _check_output(self, rel: str) -> Path:
+        try:
+            return self.outputs.check(rel)
+        except OutputConflictError as exc:
+            raise self._conflict(exc, rel) from None
+
+    def _claim(self, rel: str) -> Path:
+        try:
+            return self.outputs.claim(rel)
+        except OutputConflictError as exc:
+            raise self._conflict(exc, rel) from None
 
     def _multiscale_sizer(self):
         """Per-batch input size for multi-scale training (data.augment.multiscale), None when it is off."""
@@ -326,7 +542,20 @@ class Trainer:
 
     def save_last(self) -> None:
         if self.is_main:
-            save_checkpoint(self._checkpoint(), self.run_dir / "last.pt")
+            self._save("last.pt", with_optimizer=True)
+
+    def _save(self, name: str, with_optimizer: bool) -> None:
+        """Write run_dir/name: only finite weights (a diverged model never replaces a good checkpoint), only
+        over a file dfineseg wrote, atomically (a failed write raises `CheckpointWriteError`)."""
+        ckpt = self._checkpoint(with_optimizer=with_optimizer)
+        bad = nonfinite_weights(ckpt["model"]) + [f"ema.{k}" for k in nonfinite_weights(ckpt["ema"])]
+        if bad:
+            raise TrainingDiverged(self._diverged_message(
+                f"the weights became non-finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) and were "
+                "not saved"
+            ))
+        save_checkpoint(ckpt, self._claim(name))
+        self.saved_checkpoints[name] = self.step
 
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self._t_start)
@@ -425,7 +654,7 @@ class Trainer:
 
     def _micro_batches(self):
         """(images, targets) of this epoch from batch `epoch_batch` on."""
-        from dfineseg.data.dataset import collate_fn
+        from dfineseg.data.dataset import collate_fn, worker_options
 
         self.sampler.set_epoch(self.epoch, self.epoch_batch)
         # Before the workers start (they copy the dataset), so augmentation switch-off epochs apply.
@@ -437,9 +666,10 @@ class Trainer:
             self.train_set,
             batch_sampler=self.sampler,
             collate_fn=collate_fn,
-            num_workers=self.cfg.data.workers,
             pin_memory=self.device.type == "cuda",
             generator=gen,
+            # Workers start from a fork server, never by a fork of this process (OpenCV deadlock).
+            **worker_options(self.cfg.data.workers),
         )
         return loader
 
@@ -474,7 +704,7 @@ class Trainer:
         micro = 0
         stop = False
         self.optimizer.zero_grad(set_to_none=True)
-        for images, targets in loader:
+        for images, targets in self._batches(loader):
             images = images.to(self.device, non_blocking=True)
             targets = targets_to(targets, self.device)
             micro += 1
@@ -491,7 +721,6 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 micro = 0
             else:
-                self.nonfinite_run = 0 if boundary else self.nonfinite_run
                 for k, v in aggregate_losses(terms).items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -519,19 +748,73 @@ class Trainer:
         self.epoch_losses = D.reduce_mean_dict(means)
         return D.broadcast_object(stop)
 
+    @staticmethod
+    def _batches(loader):
+        """Iterate the loader; a worker process that died becomes one message saying what to do."""
+        it = iter(loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                text = str(exc)
+                if "DataLoader worker" not in text or "exited unexpectedly" not in text:
+                    raise
+                raise UserError(
+                    f"a data-loader worker process died ({text.splitlines()[0]}). If the output above says a "
+                    "worker imported your script, put the call to dfineseg.api.train() under "
+                    "`if __name__ == \"__main__\":`; if it was killed for memory, lower data.workers or train.batch; "
+                    "data.workers=0 loads the data in the main process"
+                ) from exc
+            yield batch
+
     def _nonfinite(self, what: str) -> None:
+        """A skipped step (non-finite loss or gradient). Stops the run when skips are no longer rare: in a
+        row (train.max_nonfinite), most steps so far, or half of the recent ones. A run that skips most
+        steps is not training, and the few steps that do pass push the weights further out."""
         self.nonfinite_total += 1
         self.nonfinite_run += 1
+        self.nonfinite_recent.append(True)
         if self.is_main:
             print(f"warning: non-finite {what} at step {self.step} (epoch {self.epoch + 1}); step skipped "
                   f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)", file=sys.stderr)
+        attempts = self.step + self.nonfinite_total
+        recent = sum(self.nonfinite_recent)
+        reason = ""
         if self.nonfinite_run >= self.tcfg.max_nonfinite:
-            raise TrainingDiverged(
-                f"training stopped: {self.nonfinite_run} consecutive non-finite losses at step {self.step} "
-                f"(epoch {self.epoch + 1}). The last good checkpoint is kept in {self.run_dir / 'last.pt'}. "
-                "Lower the learning rate (train.lr), keep gradient clipping on (train.clip_grad), or check the "
-                "dataset for degenerate boxes (dfineseg data check)."
-            )
+            reason = f"{self.nonfinite_run} consecutive non-finite losses or gradients"
+        elif self.nonfinite_total >= 2 and self.nonfinite_total > self.step:
+            reason = f"{self.nonfinite_total} of the {attempts} steps so far had non-finite losses or gradients"
+        elif recent >= NONFINITE_WINDOW * NONFINITE_WINDOW_SHARE:
+            reason = (f"{recent} of the last {len(self.nonfinite_recent)} steps had non-finite losses or "
+                      "gradients")
+        if reason:
+            raise TrainingDiverged(self._diverged_message(reason))
+
+    def _diverged_message(self, reason: str) -> str:
+        size = self.cfg.model.size
+        lr = resolve_optim_settings(self.tcfg, size).lr
+        default = resolve_optim_settings(self.tcfg.model_copy(update={"lr": None}), size).lr
+        if self.tcfg.lr is None:
+            advice = f"train.lr={lr:g} (the default for size={size}); lower it (e.g. lr={lr / 10:g})"
+        else:
+            advice = f"train.lr={lr:g}; lower it (size={size} defaults to {default:g}; try lr={min(lr / 10, default):g})"
+        # At an epoch boundary the counter has already moved on to the next epoch.
+        epoch = self.epoch if self.epoch_batch == 0 and self.epoch > 0 else self.epoch + 1
+        if self.saved_checkpoints:
+            kept = ", ".join(str(self.run_dir / n) for n in sorted(self.saved_checkpoints, key=lambda n: n != "last.pt"))
+            at = max(self.saved_checkpoints.values())
+            kept = f"The last checkpoints with finite weights are kept: {kept} (up to step {at})."
+        else:
+            kept = ("No checkpoint was written: the run diverged before its first save, so there is nothing to "
+                    "resume from.")
+        return (
+            f"training diverged at step {self.step} (epoch {epoch}): {reason}. The learning rate is most "
+            f"likely too high: {advice} and train again. Keep "
+            "gradient clipping on (train.clip_grad) and check the dataset for degenerate boxes (dfineseg data "
+            f"check) if a lower lr does not help. {kept}"
+        )
 
     def _optimizer_step(self) -> None:
         tcfg = self.tcfg
@@ -552,6 +835,7 @@ class Trainer:
         self.schedule.step()
         self.step += 1
         self.nonfinite_run = 0
+        self.nonfinite_recent.append(False)
         if self.ema is not None:
             self.ema.update(self.model)
 
@@ -626,14 +910,15 @@ class Trainer:
                 self._last_plot = time.perf_counter()
             if not finished_epoch or self.epoch % self.tcfg.save_every_epochs == 0 or self.epoch >= self.total_epochs:
                 self.save_last()
-            if improved or not (self.run_dir / "best.pt").exists():
-                save_checkpoint(self._checkpoint(with_optimizer=False), self.run_dir / "best.pt")
+            if improved or "best.pt" not in self.saved_checkpoints:
+                self._save("best.pt", with_optimizer=False)
                 if self.tcfg.plot_images and getattr(self, "_last_val_preds", None) is not None:
                     n = self.tcfg.plot_images
                     # Drawn at the sweep's best threshold: predictions are made at 0.01 for mAP.
                     conf = metrics.get("best_conf", self.cfg.eval.conf)
                     shown = [d.filter(d.scores >= conf) for d in self._last_val_preds[:n]]
-                    save_prediction_images(self.val_index.images[:n], shown, self.names, self.run_dir)
+                    save_prediction_images(self.val_index.images[:n], shown, self.names, self.run_dir,
+                                           outputs=self.outputs)
             if metrics:
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in _SHOWN)
                 print(f"epoch {done_epoch + 1}: {shown or self.best_metric} (best {self.best_metric} "
@@ -648,8 +933,8 @@ class Trainer:
             if self.tcfg.save_every_epochs > 1:
                 self.save_last()  # the final state, whatever the save period
             best = self.run_dir / "best.pt"
-            if not best.exists():
-                save_checkpoint(self._checkpoint(with_optimizer=False), best)
+            if "best.pt" not in self.saved_checkpoints:
+                self._save("best.pt", with_optimizer=False)
             self.log.plot()
             reason = self.stop_reason or f"{self.epoch} epochs completed"
             print(f"training finished ({reason}) in {self._elapsed() / 60:.1f} min; best {self.best_metric} "
@@ -669,7 +954,7 @@ class Trainer:
                                   device=self.device, topk=self.cfg.eval.max_det, nms_iou=self.cfg.eval.nms_iou)
         with torch.no_grad():
             preds = predict_index(self.val_index, predict, batch=self.cfg.eval.batch)
-        raw = self._evaluate(preds, self.run_dir / "val")
+        raw = self._evaluate(preds, self._claim("val"))
         self.final_metrics = headline_metrics(raw)
         from dfineseg.val import print_summary
 
