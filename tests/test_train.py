@@ -206,8 +206,22 @@ def test_sampler_order_is_seeded_per_epoch_resumable_and_split_across_ranks():
     assert set().union(*parts) == set(range(10))
 
 
+class _ScriptedValidation(Trainer):
+    """Validation returns a scripted sequence of the best metric, one value per epoch (real training steps,
+    real checkpoints), so early stopping is judged on a metric that moves."""
+
+    SCRIPT = (0.2, 0.5, 0.4, 0.45, 0.9)
+
+    def validate(self, out_dir=None, model=None):
+        value = self.SCRIPT[min(self.epoch, len(self.SCRIPT) - 1)]
+        return {self.best_metric: value, "f1": value}
+
+
 def test_early_stopping_after_patience_epochs_without_improvement(small_data, tmp_path):
-    # An untrained model scores nothing above conf 0.5: mask F1 stays 0, so epoch 1 stays the best.
-    tr = Trainer(_cfg(small_data, tmp_path, "patience", epochs=10, patience=1, val_every=1))
+    tr = _ScriptedValidation(_cfg(small_data, tmp_path, "patience", epochs=10, patience=2, val_every=1))
     tr.fit()
-    assert tr.epoch == 2 and "early stopping" in tr.stop_reason
+    # 0.5 at epoch 2 is the best; epochs 3 and 4 do not beat it, so the run stops before 0.9 at epoch 5.
+    assert tr.epoch == 4 and tr.best_epoch == 1 and "early stopping" in tr.stop_reason, (tr.epoch, tr.stop_reason)
+    best = load_checkpoint(tr.run_dir / "best.pt")
+    assert best["best_fitness"] == pytest.approx(0.5) and best["epoch"] == 2
+    assert load_checkpoint(tr.run_dir / "last.pt")["epoch"] == 4
