@@ -13,6 +13,7 @@ that fails is reported as failed with the error, and the others still run.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 import traceback
@@ -181,8 +182,12 @@ def run_bench(cfg: Any) -> list[dict[str, Any]]:
         raise UserError(f"checkpoint not found: {weights} (train one with `make demo` or pass weights=PATH)")
     if not cfg.data.path:
         raise UserError("no dataset: pass data=path/to/data.yaml (the validation split is measured)")
-    out_dir = Path(cfg.bench.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from dfineseg.utils.outputs import OutputFolder
+
+    # Refuse before any work when a report would replace a file dfineseg did not write, or land on an input.
+    folder = OutputFolder(cfg.bench.out, command="bench", protect=[weights, cfg.data.path, *cfg.bench.peers])
+    folder.check_all([*REPORTS, *(_log_name(name) for name in [*cfg.bench.formats, *_peer_names(cfg.bench.peers)])])
+    out_dir = folder
     export_dir = Path(cfg.export.out) if cfg.export.out else weights.parent
     inputs = load_bench_inputs(cfg.data.path, cfg.eval.split, cfg.bench.images)
     machine = machine_info(cfg.bench.threads)
@@ -194,10 +199,21 @@ def run_bench(cfg: Any) -> list[dict[str, Any]]:
             rows.append(_bench_one(fmt, lambda f=fmt: _open_format(f, weights, export_dir, cfg, Predictor),
                                    inputs, cfg, params_m, bar, out_dir))
         for peer in cfg.bench.peers:
-            rows.append(_bench_one(f"peer:{Path(peer).name}", lambda p=peer: _open_peer(p, cfg),
+            rows.append(_bench_one(_peer_names([peer])[0], lambda p=peer: _open_peer(p, cfg),
                                    inputs, cfg, None, bar, out_dir))
-    write_reports(rows, machine, out_dir)
+    write_reports(rows, machine, folder)
     return rows
+
+
+REPORTS = ("bench.csv", "bench.md", "bench.json", "bench.png")
+
+
+def _peer_names(peers: list[str]) -> list[str]:
+    return [f"peer:{Path(peer).name}" for peer in peers]
+
+
+def _log_name(row_name: str) -> str:
+    return f"error_{row_name.replace(':', '_')}.log"
 
 
 def _open_format(fmt: str, weights: Path, export_dir: Path, cfg: Any, predictor_cls: Any) -> tuple[Any, Path]:
@@ -218,7 +234,8 @@ def _open_peer(path: str, cfg: Any) -> tuple[Any, Path]:
 
 
 def _bench_one(name: str, opener: Any, inputs: BenchInputs, cfg: Any, params_m: float | None,
-               bar: Any, out_dir: Path) -> dict[str, Any]:
+               bar: Any, out_dir: Any) -> dict[str, Any]:
+    """One row; `out_dir` (an OutputFolder) receives the traceback of a format that fails."""
     row: dict[str, Any] = {"format": name, "images": len(inputs.images)}
     try:
         predictor, path = opener()
@@ -228,8 +245,7 @@ def _bench_one(name: str, opener: Any, inputs: BenchInputs, cfg: Any, params_m: 
         bar.write(f"{name}: skipped: {exc}")
         return {**row, "status": "skipped", "reason": str(exc)}
     except Exception as exc:  # one broken format must not stop the others; the traceback is kept
-        log = out_dir / f"error_{name.replace(':', '_')}.log"
-        log.write_text(traceback.format_exc(), encoding="utf-8")
+        log = out_dir.write_text(_log_name(name), traceback.format_exc())
         bar.write(f"{name}: FAILED: {type(exc).__name__}: {exc} (traceback in {log})")
         return {**row, "status": "failed", "reason": f"{type(exc).__name__}: {exc} (see {log.name})"}
     runtime = predictor.backend.runtime
@@ -272,27 +288,38 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def write_reports(rows: list[dict[str, Any]], machine: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "bench.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in COLUMNS})
+def write_reports(rows: list[dict[str, Any]], machine: dict[str, Any], out: Any) -> None:
+    """bench.csv/.md/.json/.png into `out`: an OutputFolder, or a folder path (one is made for it)."""
+    from dfineseg.utils.outputs import OutputFolder
+
+    folder = out if isinstance(out, OutputFolder) else OutputFolder(out, command="bench")
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: row.get(c, "") for c in COLUMNS})
+    folder.write_text("bench.csv", buf.getvalue())
     table = markdown_table(rows)
-    (out_dir / "bench.md").write_text(
+    folder.write_text("bench.md",
         f"# dfineseg bench\n\nMachine: {describe(machine)}\n\n{table}\n\n"
         "Latency in ms per image at batch 1 (end-to-end = preprocess + forward + postprocess with masks at "
         "original resolution; raw = forward only). F1/precision/recall/penalised IoU at the fixed threshold "
-        "(masks for segment models), mAP at conf 0.01.\n", encoding="utf-8")
-    (out_dir / "bench.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2, default=str),
-                                        encoding="utf-8")
+        "(masks for segment models), mAP at conf 0.01.\n")
+    bench_json = folder.write_text("bench.json", json.dumps({"machine": machine, "rows": rows}, indent=2, default=str))
+    out_dir = folder.root
     print(f"\nMachine: {describe(machine)}\n{table}\n\nwrote {out_dir}/bench.csv, bench.md, bench.json, bench.png")
-    plot_runs([out_dir / "bench.json"], out_dir / "bench.png")
+    folder.write_bytes("bench.png", _plot_png([bench_json]))
 
 
 def plot_runs(json_paths: list[Path], out_png: Path) -> Path:
     """Latency vs F1, one point per format and run (several runs can be combined into one plot)."""
+    from dfineseg.utils.outputs import OutputFolder
+
+    out_png = Path(out_png)
+    return OutputFolder(out_png.parent, command="bench").write_bytes(out_png.name, _plot_png(json_paths))
+
+
+def _plot_png(json_paths: list[Path]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,6 +339,7 @@ def plot_runs(json_paths: list[Path], out_png: Path) -> Path:
     ax.set_title("dfineseg: latency vs F1")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    return out_png
+    return buf.getvalue()

@@ -58,7 +58,7 @@ def _optional(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
 OPTIONS: dict[str, tuple[Callable[[Any], Any], Any, str]] = {
     "model": (_text, None, "model file: .pt checkpoint, .onnx, OpenVINO .xml (or its folder), .engine (required)"),
     "source": (_source, None, "image, folder, glob ('dir/*.jpg'), video file, stream URL or webcam index (required)"),
-    "out": (_text, "runs/infer", "output folder (created; files in it are overwritten)"),
+    "out": (_text, "runs/infer", "output folder (created; re-running replaces only files dfineseg wrote there)"),
     "conf": (_optional(_fraction), None, "score threshold (default: the one stored in the model)"),
     "device": (_text, "cpu", "cpu, cuda[:N], auto; OpenVINO also gpu/npu; ONNX Runtime also tensorrt"),
     "precision": (_optional(_text), None, "OpenVINO f32/f16/bf16 (default: the device's), PyTorch fp16 (CUDA)"),
@@ -158,10 +158,20 @@ def _chunks(frames: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run one inference job from resolved options; returns the summary (also written as summary.json)."""
-    from dfineseg.infer.io import ResultWriter, SinkOptions, open_source
+    from dfineseg.infer.io import ResultWriter, SinkOptions, open_source, planned_outputs
     from dfineseg.infer.predictor import Predictor
+    from dfineseg.utils.outputs import OutputFolder
 
     source = open_source(opts["source"], max_frames=opts["max_frames"])
+    sinks = SinkOptions(
+        save_images=opts["save_images"], save_json=opts["save_json"], save_txt=opts["save_txt"],
+        save_crops=opts["save_crops"], mask_alpha=opts["mask_alpha"], line_width=opts["line_width"],
+        show_conf=opts["show_conf"],
+    )
+    # Refuse before any work when an output would land on an input (the source images, the model) or on a
+    # file dfineseg did not write (e.g. out= a YOLO dataset's root with save_txt: its ground-truth labels).
+    folder = OutputFolder(opts["out"], command="infer", protect=[*source.input_paths(), *_model_inputs(opts["model"])])
+    folder.check_all([*planned_outputs(source, sinks), "summary.json"])
     backend_options: dict[str, Any] = {"performance": opts["performance"]}
     if opts["half"]:
         backend_options["half"] = True
@@ -183,13 +193,8 @@ def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str,
         f"task={predictor.task}, {len(predictor.names)} classes, input {rt.input_hw[0]}x{rt.input_hw[1]} "
         f"({predictor.info.resize}), conf={predictor.conf:g}"
     )
-    sinks = SinkOptions(
-        save_images=opts["save_images"], save_json=opts["save_json"], save_txt=opts["save_txt"],
-        save_crops=opts["save_crops"], mask_alpha=opts["mask_alpha"], line_width=opts["line_width"],
-        show_conf=opts["show_conf"],
-    )
     writer = ResultWriter(
-        opts["out"], predictor.names, predictor.category_ids, sinks,
+        folder, predictor.names, predictor.category_ids, sinks,
         video_fps=getattr(source, "fps", None) if source.is_video else None,
     )
     show = opts["progress"] and source.kind != "image"
@@ -218,8 +223,8 @@ def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str,
             "seconds": round(elapsed, 3), "skipped": [{"file": f, "reason": r} for f, r in skipped],
         }
     )
-    out = Path(opts["out"])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    out = folder.root
+    folder.write_text("summary.json", json.dumps(summary, indent=2))
     n = summary["images"]
     rate = f", {1000 * elapsed / n:.1f} ms/image" if n else ""
     log(f"{n} {'frames' if source.is_video else 'images'}, {summary['detections']} detections "
@@ -231,6 +236,20 @@ def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str,
         if len(skipped) > 20:
             log(f"  ... and {len(skipped) - 20} more")
     return summary
+
+
+def _model_inputs(model: str) -> list[Path]:
+    """The model file as given and the files it resolves to (an OpenVINO folder -> its .xml and .bin)."""
+    from dfineseg.infer.backends import resolve_model_path
+
+    given = Path(str(model)).expanduser()
+    resolved, backend = resolve_model_path(given)  # a missing model is reported here, before any output
+    paths = [given, resolved]
+    if backend == "openvino":
+        paths.append(resolved.with_suffix(".bin"))
+    if resolved.suffix in (".engine", ".plan"):
+        paths.append(resolved.with_name(resolved.name + ".json"))
+    return paths
 
 
 def run_infer(args: list[str], config: str | Path | None = None) -> int:

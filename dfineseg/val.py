@@ -9,6 +9,7 @@ post-processing (`dfineseg.infer.postprocess`), so training numbers and deployed
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,6 +73,10 @@ def predict_index(index: Any, predict: Predict, batch: int = 4, progress: bool =
     return out
 
 
+# What `dfineseg.evaluate.write_outputs` writes into `out` (plots only with eval.plots).
+VAL_OUTPUTS = ("metrics.json", "predictions.json", "images.json")
+VAL_PLOTS = ("f1_curve.png", "confusion_matrix.png")
+
 _COLUMNS = ("precision", "recall", "f1", "iou", "map50", "map50_95")
 
 
@@ -134,6 +139,7 @@ def run_val(
     from dfineseg.data import load_index
     from dfineseg.evaluate import evaluate
     from dfineseg.infer.errors import UserError
+    from dfineseg.utils.outputs import OutputFolder
 
     cfg = cfg if cfg is not None else Config()
     weights = weights if weights is not None else cfg.eval.weights
@@ -163,13 +169,24 @@ def run_val(
         )
     if out is None:
         out = cfg.eval.out or _next_dir(Path("runs") / "val" / "exp")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Refuse before any work when out= is a file, unwritable, inside the model or the dataset's image
+    # folders, or holds a metrics.json/predictions.json/... that dfineseg did not write.
+    protect = [weights, data, *sorted({str(Path(rec.file).parent) for rec in index.images})]
+    folder = OutputFolder(out, command="val", protect=[p for p in protect if p is not None])
+    folder.check_all(VAL_OUTPUTS + (VAL_PLOTS if cfg.eval.plots else ()))
+    out = folder.root
     t0 = time.perf_counter()
     predictions = predict_index(index, predict, batch=batch, progress=verbose)
     elapsed = time.perf_counter() - t0
-    metrics = evaluate(index, predictions, task, conf, out, plots=cfg.eval.plots, map_conf=cfg.eval.map_conf,
-                       iou_thr=cfg.eval.iou, class_conf=cfg.eval.class_conf, max_det=cfg.eval.max_det)
+    # The evaluation core writes its files into a fresh folder; each then replaces only its own older copy.
+    staging = folder.staging()
+    try:
+        metrics = evaluate(index, predictions, task, conf, staging, plots=cfg.eval.plots, map_conf=cfg.eval.map_conf,
+                           iou_thr=cfg.eval.iou, class_conf=cfg.eval.class_conf, max_det=cfg.eval.max_det)
+        for file in sorted(f for f in staging.rglob("*") if f.is_file()):
+            folder.promote(file, file.relative_to(staging).as_posix())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if verbose:
         print(f"validated {len(predictions)} images of {data} [{split}] in {elapsed:.1f}s -> {out}")
         print_summary(metrics)

@@ -1,15 +1,25 @@
 """`export_model(weights, cfg)`: a checkpoint -> every requested artefact, each parity-checked.
 
 Artefacts (in `cfg.export.out`, default the checkpoint's folder; none overwrites another's):
-`model.onnx` (always: every other format starts from it), `model_fp16.onnx` (half=true, or for
-TensorRT 11), `openvino/` (FP32 weights), `openvino_fp16/` (half=true), `openvino_int8/` (int8=true),
-`model.engine` (+ `model.engine.json`). Each gets a parity report (`<file>.parity.json`,
-`<folder>/parity.json`), and `export_summary.json` lists them with time and size on disk.
+`model.onnx` (format onnx; every other format starts from an FP32 ONNX, which stays an unpublished
+intermediate when onnx is not asked for), `model_fp16.onnx` (half=true, or for TensorRT 11),
+`openvino/` (FP32 weights), `openvino_fp16/` (half=true), `openvino_int8/` (int8=true), `model.engine`
+(+ `model.engine.json`). Each gets a parity report (`<file>.parity.json`, `<folder>/parity.json`), and
+`export_summary.json` lists them with time and size on disk.
+
+Replacement (DESIGN "Outputs"): every artefact is made in a staging folder inside `out`, checked there,
+and only then renamed over the older one. One that fails its check is kept aside under a name that
+says so (`model.failed.onnx`, `openvino.failed/`, ...) and the older good one stays untouched. The
+summary is rewritten whatever happens (a parity failure, any other error mid-way): per artefact
+passed / failed / not-checked (parity=false) / not-run, never a pass that did not happen; the error
+is re-raised after it is written. Nothing is written over a file dfineseg did not write (the ledger
+of `dfineseg.utils.outputs`), nor over the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from dfineseg.export.errors import ExportError
+from dfineseg.export.errors import ExportError, ParityError
 from dfineseg.export.meta import build_metadata, with_precision
 from dfineseg.export.parity import (
     RAW_NAMES,
@@ -28,10 +38,12 @@ from dfineseg.export.parity import (
     ParityReport,
     Reference,
     int8_tolerance,
+    report_path,
     run_parity,
     torch_reference,
 )
 from dfineseg.utils.io import atomic_write_bytes
+from dfineseg.utils.outputs import OutputFolder
 
 Say = Callable[[str], None]
 
@@ -177,6 +189,74 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
+# ------------------------------------------------------------------------------------------ artefacts
+@dataclass(frozen=True)
+class ArtefactSpec:
+    """Where an artefact lives in the out folder, and where a failed one is kept aside."""
+
+    key: str
+    name: str
+    failed: str
+    folder: bool = False
+
+    def files(self, name: str) -> list[str]:
+        """`name` plus the files next to it that belong to it (a file artefact's report, an engine's sidecar)."""
+        if self.folder:
+            return [name]
+        extra = [name + ".json"] if self.key == "tensorrt" else []
+        return [name, name + ".parity.json", *extra]
+
+
+SPECS: dict[str, ArtefactSpec] = {
+    "onnx": ArtefactSpec("onnx", "model.onnx", "model.failed.onnx"),
+    "onnx_fp16": ArtefactSpec("onnx_fp16", "model_fp16.onnx", "model_fp16.failed.onnx"),
+    "openvino": ArtefactSpec("openvino", "openvino", "openvino.failed", folder=True),
+    "openvino_fp16": ArtefactSpec("openvino_fp16", "openvino_fp16", "openvino_fp16.failed", folder=True),
+    "openvino_int8": ArtefactSpec("openvino_int8", "openvino_int8", "openvino_int8.failed", folder=True),
+    "tensorrt": ArtefactSpec("tensorrt", "model.engine", "model.failed.engine"),
+}
+SUMMARY_NAME = "export_summary.json"
+
+
+def planned_artefacts(formats: list[str], half: bool, int8: bool) -> list[str]:
+    """The artefact keys an export makes, in the order it makes them."""
+    keys = ["onnx"] if "onnx" in formats else []
+    if ("onnx" in formats and half) or "tensorrt" in formats:
+        keys.append("onnx_fp16")
+    if "openvino" in formats:
+        keys += ["openvino"] + (["openvino_fp16"] if half else []) + (["openvino_int8"] if int8 else [])
+    if "tensorrt" in formats:
+        keys.append("tensorrt")
+    return keys
+
+
+def output_names(keys: list[str]) -> list[str]:
+    """Every name an export of `keys` may write in the out folder (checked before any work)."""
+    names = [n for k in keys for name in (SPECS[k].name, SPECS[k].failed) for n in SPECS[k].files(name)]
+    return [*names, SUMMARY_NAME]
+
+
+def check_finite_weights(model: Any, weights: Path, info: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose weights hold NaN/Inf: its outputs are NaN and every parity check would fail."""
+    import torch
+
+    which = "EMA weights" if info.get("ema") else "weights"
+    # Parameters must be finite; buffers only free of NaN (the decoder's anchor buffer marks invalid anchors
+    # with +inf by design).
+    tensors = [(name, t, True) for name, t in model.named_parameters()]
+    tensors += [(name, t, False) for name, t in model.named_buffers()]
+    for name, tensor, parameter in tensors:
+        if not torch.is_floating_point(tensor):
+            continue
+        bad = int((~torch.isfinite(tensor) if parameter else torch.isnan(tensor)).sum())
+        if bad:
+            raise ExportError(
+                f"{weights}: the checkpoint's {which} are not finite: '{name}' holds {bad} NaN/Inf value(s) of "
+                f"{tensor.numel()}; training diverged or the file was damaged. Export an earlier checkpoint "
+                "(e.g. last.pt vs best.pt, or one saved before the loss went NaN), or retrain with a lower lr"
+            )
+
+
 # ------------------------------------------------------------------------------------------ driver
 @dataclass
 class ArtefactRecord:
@@ -186,13 +266,15 @@ class ArtefactRecord:
     seconds: float
     parity: ParityReport | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    status: str = "not-checked"
 
     def summary(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
+            "status": self.status,
             "precision": self.precision,
             "export_seconds": round(self.seconds, 3),
-            "size_bytes": _size(self.path),
+            "size_bytes": _size(self.path) if self.path.exists() else 0,
             "parity": None if self.parity is None else {"passed": self.parity.passed, "report": self.parity.to_dict()},
             **self.extra,
         }
@@ -202,12 +284,149 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
+class ExportRun:
+    """One export's artefacts: made in `stage`, checked there, then promoted over the older one or kept
+    aside as failed; and the summary of all of them, written whatever happened."""
+
+    def __init__(self, keys: list[str], folder: OutputFolder, say: Say) -> None:
+        self.keys = keys
+        self.folder = folder
+        self.say = say
+        self.stage: Path | None = None
+        self.records: dict[str, ArtefactRecord] = {}
+        self.results: dict[str, dict[str, Any]] = {k: {"status": "not-run"} for k in keys}
+        self.current: str | None = None  # the artefact being made: an error now is its failure
+
+    def staged(self, key: str) -> Path:
+        assert self.stage is not None
+        return self.stage / SPECS[key].name
+
+    def start(self, key: str) -> Path:
+        self.current = key
+        return self.staged(key)
+
+    def _move(self, spec: ArtefactSpec, staged: Path, name: str) -> Path:
+        target = self.folder.promote(staged, name)
+        if spec.key == "tensorrt":
+            sidecar = staged.with_name(staged.name + ".json")
+            if sidecar.exists():
+                self.folder.promote(sidecar, name + ".json")
+        return target
+
+    def _write_report(self, spec: ArtefactSpec, report: ParityReport, path: Path) -> None:
+        report.artefact = str(path)
+        report.write(path / "parity.json" if spec.folder else self.folder.claim(path.name + ".parity.json"))
+
+    def _drop(self, name: str) -> None:
+        """Remove an earlier artefact of ours (the ledger says so) that this run's result supersedes."""
+        path = self.folder.root / name
+        if not self.folder.owns(name) or not (path.exists() or path.is_symlink()):
+            return
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def settle(self, rec: ArtefactRecord) -> Path:
+        """A made (and, with parity on, checked) artefact: promote it, or keep it aside and raise ParityError."""
+        spec = SPECS[rec.key]
+        report = rec.parity
+        passed = report is None or report.passed
+        final = self._move(spec, rec.path, spec.name if passed else spec.failed)
+        rec.path = final
+        rec.status = "not-checked" if report is None else "passed" if passed else "failed"
+        if report is not None:
+            self._write_report(spec, report, final)
+        if passed:
+            for name in spec.files(spec.failed):  # an older failure of this artefact is no longer news
+                self._drop(name)
+        self.records[rec.key] = rec
+        self.results[rec.key] = {"status": rec.status, "path": str(final)}
+        self.current = None
+        if not passed:
+            assert report is not None
+            lines = "\n  ".join(c.describe() for c in report.failures())
+            older = self.folder.root / spec.name
+            kept = f"the earlier {older} is unchanged" if older.exists() else f"nothing was written at {older}"
+            raise ParityError(
+                f"{final}: parity with PyTorch failed ({rec.precision}; report {report_path(final)}); kept aside "
+                f"under that name, {kept}:\n  {lines}"
+            )
+        self.say(f"  {rec.key}: {rec.status} -> {final}")
+        return final
+
+    def fail_current(self, exc: BaseException) -> None:
+        """An error while `current` was being made: it failed; what it left is kept aside as failed."""
+        key, self.current = self.current, None
+        if key is None:
+            return
+        entry: dict[str, Any] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        staged = self.staged(key) if self.stage is not None else None
+        if staged is not None and (staged.exists() or staged.is_symlink()):
+            try:
+                entry["path"] = str(self._move(SPECS[key], staged, SPECS[key].failed))
+            except Exception as move_exc:  # noqa: BLE001 - the original error is the one to report
+                entry["kept_aside_error"] = str(move_exc)
+        self.results[key] = entry
+
+    def summary(self, base: dict[str, Any], error: BaseException | None) -> dict[str, Any]:
+        failed = [k for k, r in self.results.items() if r["status"] == "failed"]
+        results = {}
+        for key, entry in self.results.items():
+            entry = dict(entry)
+            if entry["status"] == "not-run":
+                entry["reason"] = (
+                    f"not made: {failed[0]} failed first" if failed
+                    else f"not made: the export stopped ({type(error).__name__})" if error else "not made"
+                )
+            results[key] = entry
+        statuses = {r["status"] for r in results.values()}
+        status = "failed" if error is not None or "failed" in statuses else (
+            "passed" if statuses <= {"passed"} else "not-checked")
+        earlier = self._earlier()
+        return {
+            "status": status,
+            "error": None if error is None else f"{type(error).__name__}: {error}",
+            **base,
+            "results": results,
+            "artefacts": {k: r.summary() for k, r in self.records.items()},
+            **({"earlier_artefacts": earlier} if earlier else {}),
+        }
+
+    def _earlier(self) -> dict[str, Any]:
+        """Artefacts of earlier exports into this folder that this one did not replace (not asked for, failed
+        or not run this time) and that are still on disk, as the earlier summary described them."""
+        path = self.folder.root / SUMMARY_NAME
+        if not self.folder.owns(SUMMARY_NAME) or not path.is_file():
+            return {}
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            sources = [old.get("artefacts") or {}, old.get("earlier_artefacts") or {}]  # newest first
+        except (ValueError, OSError, AttributeError):
+            return {}
+        earlier: dict[str, Any] = {}
+        for entries in sources:
+            for key, entry in entries.items():
+                if key in earlier or key not in SPECS or not isinstance(entry, dict) or not entry.get("path"):
+                    continue
+                if self.results.get(key, {}).get("status") in ("passed", "not-checked"):
+                    continue  # replaced by this run
+                if Path(entry["path"]).name == SPECS[key].name and Path(entry["path"]).exists():
+                    earlier[key] = entry
+        return earlier
+
+    def write_summary(self, base: dict[str, Any], error: BaseException | None) -> Path:
+        data = json.dumps(self.summary(base, error), indent=2, default=str)
+        return self.folder.write_text(SUMMARY_NAME, data)
+
+
 def export_model(weights: str | Path, cfg: Any, say: Say | None = _print) -> dict[str, Path]:
     """Export the checkpoint `weights` to every format in `cfg.export`; returns {artefact key: path}.
 
     Keys: onnx, onnx_fp16, openvino, openvino_fp16, openvino_int8, tensorrt (only those made), and
     `summary` (export_summary.json). Raises ExportError (ParityError on a failed parity check, naming
-    the check and by how much; ExportBackendUnavailable when TensorRT/GPU/OpenVINO are missing).
+    the check and by how much; ExportBackendUnavailable when TensorRT/GPU/OpenVINO are missing), after
+    writing the summary; a failed artefact never replaces an earlier good one.
     """
     say = say or (lambda _msg: None)
     weights = Path(weights)
@@ -228,33 +447,57 @@ def export_model(weights: str | Path, cfg: Any, say: Say | None = _print) -> dic
         from dfineseg.export.int8 import import_nncf
 
         import_nncf()
+    if e.int8 and "openvino" not in e.formats:
+        raise ExportError("export.int8=true quantises the OpenVINO model: add openvino to format= (e.g. format=openvino int8=true)")
 
-    from dfineseg.model.dfine import DeployModel
-    from dfineseg.train.checkpoint import load_model_from_checkpoint
+    # Refuse before any work when an output would replace a file dfineseg did not write.
+    folder = OutputFolder(Path(e.out) if e.out else weights.parent, command="export", protect=[weights])
+    keys = planned_artefacts(list(dict.fromkeys(e.formats)), e.half, e.int8)
+    if not keys:
+        raise ExportError("nothing to export: pass format= one or more of onnx, openvino, tensorrt")
+    folder.check_all(output_names(keys))
+    run = ExportRun(keys, folder, say)
+    base: dict[str, Any] = {"weights": str(weights), "imgsz": list(e.imgsz) if e.imgsz else None, "batch": e.batch,
+                            "dynamic_batch": e.dynamic_batch, "topk": e.topk, "gather_sampler": e.gather_sampler,
+                            "parity": e.parity}
+    error: BaseException | None = None
+    try:
+        run.stage = folder.staging()
+        from dfineseg.model.dfine import DeployModel
+        from dfineseg.train.checkpoint import load_model_from_checkpoint
 
-    model, info = load_model_from_checkpoint(weights)
-    plan = make_plan(weights, cfg, info)
-    plan.out.mkdir(parents=True, exist_ok=True)
-    deploy = DeployModel(model, topk=plan.topk).eval()
-    base_meta = build_metadata(
-        task=plan.task, names=plan.names, category_ids=plan.category_ids, imgsz=plan.imgsz,
-        resize=plan.resize, conf=plan.conf, topk=plan.topk, precision="fp32",
-    )
-    records: list[ArtefactRecord] = []
-    with tempfile.TemporaryDirectory(prefix="dfineseg-parity-") as tmp:
-        records = _export_all(plan, cfg, info, deploy, model, base_meta, Path(tmp), say)
-    summary = {
-        "weights": str(weights),
-        "imgsz": list(plan.imgsz),
-        "batch": plan.batch,
-        "dynamic_batch": plan.dynamic_batch,
-        "topk": plan.topk,
-        "gather_sampler": plan.gather_sampler,
-        "artefacts": {r.key: r.summary() for r in records},
-    }
-    summary_path = plan.out / "export_summary.json"
-    atomic_write_bytes(summary_path, json.dumps(summary, indent=2, default=str).encode())
-    result = {r.key: r.path for r in records}
+        model, info = load_model_from_checkpoint(weights)
+        check_finite_weights(model, weights, info)
+        plan = make_plan(weights, cfg, info)
+        base["imgsz"] = list(plan.imgsz)
+        deploy = DeployModel(model, topk=plan.topk).eval()
+        base_meta = build_metadata(
+            task=plan.task, names=plan.names, category_ids=plan.category_ids, imgsz=plan.imgsz,
+            resize=plan.resize, conf=plan.conf, topk=plan.topk, precision="fp32",
+        )
+        with tempfile.TemporaryDirectory(prefix="dfineseg-parity-") as tmp:
+            _export_all(plan, cfg, info, deploy, model, base_meta, Path(tmp), say, run)
+    except OSError as exc:
+        error = ExportError(
+            f"export: {exc.filename or 'a file'}: {exc.strerror or exc}; if it is in the output folder "
+            f"{folder.root}, pass out= a folder you can write to (and check the free disk space)"
+        )
+        run.fail_current(error)
+        raise error from None
+    except BaseException as exc:
+        error = exc
+        run.fail_current(exc)
+        raise
+    finally:
+        try:
+            summary_path = run.write_summary(base, error)
+        except Exception:
+            if error is None:
+                raise
+        finally:
+            if run.stage is not None:
+                shutil.rmtree(run.stage, ignore_errors=True)
+    result = {k: r.path for k, r in run.records.items()}
     result["summary"] = summary_path
     return result
 
@@ -280,6 +523,7 @@ def parity_session(weights: str | Path, cfg: Any, say: Say | None = None) -> Par
     from dfineseg.train.checkpoint import load_model_from_checkpoint
 
     model, info = load_model_from_checkpoint(weights)
+    check_finite_weights(model, Path(weights), info)
     plan = make_plan(weights, cfg, info)
     data, _ = load_data(cfg, info, plan, say or (lambda _m: None))
     deploy = DeployModel(model, topk=plan.topk).eval()
@@ -295,20 +539,22 @@ def export(cfg: Any, say: Say | None = _print) -> dict[str, Path]:
 
 
 def _export_all(
-    plan: ExportPlan, cfg: Any, info: dict[str, Any], deploy: Any, model: Any, base_meta: dict[str, str], tmp: Path, say: Say
-) -> list[ArtefactRecord]:
+    plan: ExportPlan, cfg: Any, info: dict[str, Any], deploy: Any, model: Any, base_meta: dict[str, str], tmp: Path,
+    say: Say, run: ExportRun,
+) -> None:
     from dfineseg.export.onnx_export import RawOutputs, export_onnx
 
     e = cfg.export
-    records: list[ArtefactRecord] = []
     common = dict(
         imgsz=plan.imgsz, batch=plan.batch, dynamic_batch=plan.dynamic_batch, opset=plan.opset,
         simplify=plan.simplify, gather_sampler=plan.gather_sampler,
     )
-    onnx_path = plan.out / "model.onnx"
+    # Every format starts from the FP32 ONNX: an error making it is the failure of the first artefact.
+    run.start(run.keys[0])
+    onnx_path = run.staged("onnx")
     info_onnx = export_onnx(deploy, onnx_path, metadata=base_meta, **common)
     note = "" if info_onnx.simplified else f" (not simplified: {info_onnx.simplify_error or 'simplify=false'})"
-    say(f"ONNX: {onnx_path} ({_size(onnx_path) / 1e6:.1f} MB, {info_onnx.seconds:.1f} s, opset {plan.opset}){note}")
+    say(f"ONNX: exported ({_size(onnx_path) / 1e6:.1f} MB, {info_onnx.seconds:.1f} s, opset {plan.opset}){note}")
     onnx_rec = ArtefactRecord("onnx", onnx_path, "fp32", info_onnx.seconds, extra={
         "simplified": info_onnx.simplified, "simplify_error": info_onnx.simplify_error, "op_counts": info_onnx.op_counts})
 
@@ -332,44 +578,43 @@ def _export_all(
         if not plan.parity:
             return
         assert data is not None and ref is not None
-        rec.parity = run_parity(rec.path, rec.precision, forward, fixed_batch, data, ref, tol, raw_forward, runtime)
+        # Judged here, in the staging folder; ExportRun.settle promotes it or keeps it aside and raises.
+        rec.parity = run_parity(rec.path, rec.precision, forward, fixed_batch, data, ref, tol, raw_forward, runtime,
+                                raise_on_failure=False)
         say(f"  parity {rec.key}: " + ", ".join(_brief(c) for c in rec.parity.checks))
 
     if "onnx" in plan.formats:
         fwd, fixed, runtime = _backend(onnx_path)
         check(onnx_rec, fwd, fixed, TOLERANCES["fp32"], _ort_forward(twin_onnx) if twin_onnx else None, runtime)
-        records.append(onnx_rec)
+        onnx_path = run.settle(onnx_rec)
 
-    need_fp16_onnx = ("onnx" in plan.formats and plan.half) or "tensorrt" in plan.formats
     fp16_path: Path | None = None
-    if need_fp16_onnx:
-        fp16_path = plan.out / "model_fp16.onnx"
-        rec = _write_fp16_onnx(onnx_path, fp16_path, with_precision(base_meta, "fp16"), say)
+    if "onnx_fp16" in run.keys:
+        rec = _write_fp16_onnx(onnx_path, run.start("onnx_fp16"), with_precision(base_meta, "fp16"), say)
         if twin_onnx is not None:
             _write_fp16_onnx(twin_onnx, tmp / "raw_fp16.onnx", {}, None)
-        fwd, fixed, runtime = _backend(fp16_path)
+        fwd, fixed, runtime = _backend(rec.path)
         check(rec, fwd, fixed, TOLERANCES["fp16"], _ort_forward(tmp / "raw_fp16.onnx") if twin_onnx else None, runtime)
-        records.append(rec)
+        fp16_path = run.settle(rec)
 
     if "openvino" in plan.formats:
-        records.extend(_openvino_all(plan, e, onnx_path, twin_onnx, base_meta, tmp, data, calib, check, say))
+        _openvino_all(plan, e, onnx_path, twin_onnx, base_meta, tmp, data, calib, check, say, run)
 
     if "tensorrt" in plan.formats:
         from dfineseg.export.tensorrt_export import build_engine
 
-        engine = plan.out / "model.engine"
+        engine = run.start("tensorrt")
         einfo = build_engine(
             onnx_path, fp16_path, engine, imgsz=plan.imgsz, batch=plan.batch, dynamic_batch=plan.dynamic_batch,
             max_batch=max(plan.batch, 8) if plan.dynamic_batch else plan.batch, workspace_gb=e.workspace_gb,
             metadata=with_precision(base_meta, "fp16"),
         )
-        say(f"TensorRT {einfo.tensorrt_version}: {engine} ({_size(engine) / 1e6:.1f} MB, {einfo.seconds:.1f} s)")
+        say(f"TensorRT {einfo.tensorrt_version}: built ({_size(engine) / 1e6:.1f} MB, {einfo.seconds:.1f} s)")
         rec = ArtefactRecord("tensorrt", engine, "fp16", einfo.seconds, extra={
             "tensorrt_version": einfo.tensorrt_version, "strongly_typed": einfo.strongly_typed})
         fwd, fixed, runtime = _backend(engine, device="cuda")
         check(rec, fwd, fixed, TOLERANCES["fp16"], None, runtime)
-        records.append(rec)
-    return records
+        run.settle(rec)
 
 
 def _write_fp16_onnx(src: Path, dst: Path, metadata: dict[str, str], say: Say | None) -> ArtefactRecord:
@@ -385,11 +630,11 @@ def _write_fp16_onnx(src: Path, dst: Path, metadata: dict[str, str], say: Say | 
     atomic_write_bytes(dst, fp16.SerializeToString())
     seconds = time.perf_counter() - t0
     if say:
-        say(f"ONNX FP16: {dst} ({_size(dst) / 1e6:.1f} MB, {seconds:.1f} s; float32 inputs/outputs, LayerNorm/Softmax in float32)")
+        say(f"ONNX FP16: converted ({_size(dst) / 1e6:.1f} MB, {seconds:.1f} s; float32 inputs/outputs, LayerNorm/Softmax in float32)")
     return ArtefactRecord("onnx_fp16", dst, "fp16", seconds)
 
 
-def _openvino_all(plan, e, onnx_path, twin_onnx, base_meta, tmp, data, calib, check, say) -> list[ArtefactRecord]:
+def _openvino_all(plan, e, onnx_path, twin_onnx, base_meta, tmp, data, calib, check, say, run: ExportRun) -> None:
     from dfineseg.export.openvino_export import (
         PARITY_PRECISION_HINT,
         compile_openvino,
@@ -397,28 +642,29 @@ def _openvino_all(plan, e, onnx_path, twin_onnx, base_meta, tmp, data, calib, ch
         export_openvino,
     )
 
-    records = []
     variants = [("openvino", "fp32", False)] + ([("openvino_fp16", "fp16", True)] if plan.half else [])
     fp32_xml = None
     for key, precision, compress in variants:
-        out_dir = plan.out / key
+        out_dir = run.start(key)
         oinfo = export_openvino(onnx_path, out_dir, compress_fp16=compress, metadata=with_precision(base_meta, precision))
-        say(f"OpenVINO {precision}: {out_dir} ({_size(out_dir) / 1e6:.1f} MB, {oinfo.seconds:.1f} s)")
-        if key == "openvino":
-            fp32_xml = oinfo.xml
+        say(f"OpenVINO {precision}: converted ({_size(out_dir) / 1e6:.1f} MB, {oinfo.seconds:.1f} s)")
         rec = ArtefactRecord(key, out_dir, precision, oinfo.seconds, extra={"precision_hint": PARITY_PRECISION_HINT})
         raw_fwd = None
         if twin_onnx is not None:
             twin = export_openvino(twin_onnx, tmp / f"raw_{key}", compress_fp16=compress, metadata={})
             raw_fwd = compiled_forward(compile_openvino(twin.xml, PARITY_PRECISION_HINT))
+        # Compiled from the staging folder: the compiled model lives in memory, so renaming the folder
+        # afterwards (promotion) does not disturb it.
         fwd, fixed, runtime = _backend(oinfo.xml, precision=PARITY_PRECISION_HINT)
         check(rec, fwd, fixed, TOLERANCES[precision], raw_fwd, runtime)
-        records.append(rec)
+        final = run.settle(rec)
+        if key == "openvino":
+            fp32_xml = final / oinfo.xml.name
     if plan.int8:
         from dfineseg.export.int8 import quantize_int8
 
         assert fp32_xml is not None and data is not None
-        out_dir = plan.out / "openvino_int8"
+        out_dir = run.start("openvino_int8")
         say(f"OpenVINO INT8: NNCF, {len(calib)} calibration images, max F1 drop {e.int8_max_drop} "
             "(if the first INT8 model drops more, NNCF ranks every quantised layer: this can take many minutes)")
         res = quantize_int8(
@@ -429,12 +675,18 @@ def _openvino_all(plan, e, onnx_path, twin_onnx, base_meta, tmp, data, calib, ch
             f"F1 float {res.float_f1:.4f} -> INT8 {res.int8_f1:.4f} (drop {res.f1_drop:+.4f}, max {res.max_drop})"
             if res.f1_drop is not None else "F1 not measured"
         )
-        say(f"OpenVINO INT8: {out_dir} ({_size(out_dir) / 1e6:.1f} MB, {res.seconds:.1f} s); {f1_txt}; {res.note}")
+        say(f"OpenVINO INT8: quantised ({_size(out_dir) / 1e6:.1f} MB, {res.seconds:.1f} s); {f1_txt}; {res.note}")
         rec = ArtefactRecord("openvino_int8", out_dir, "int8", res.seconds, extra={"int8": res.to_dict()})
         fwd, fixed, runtime = _backend(res.xml, precision=PARITY_PRECISION_HINT)
         check(rec, fwd, fixed, int8_tolerance(e.int8_max_drop), None, runtime)
-        records.append(rec)
-    return records
+        try:
+            run.settle(rec)
+        finally:
+            # The accuracy report names the IR where it now lives (promoted, or kept aside as failed).
+            if rec.path != out_dir and rec.path.is_dir():
+                res.xml = rec.path / res.xml.name
+                rec.extra["int8"] = res.to_dict()
+                atomic_write_bytes(rec.path / "int8_accuracy.json", json.dumps(res.to_dict(), indent=2).encode())
 
 
 def _brief(c: Any) -> str:

@@ -44,7 +44,12 @@ def export_openvino(onnx_path: Path, out_dir: Path, *, compress_fp16: bool, meta
     try:
         model = ov.convert_model(str(onnx_path))
     except Exception as exc:
-        raise ExportError(f"{onnx_path}: OpenVINO could not convert the ONNX graph ({str(exc).splitlines()[0][:300]})") from exc
+        from dfineseg.infer.backends._common import runtime_message
+
+        raise ExportError(
+            f"{onnx_path}: OpenVINO {getattr(ov, '__version__', '')} could not convert the ONNX graph: "
+            f"{runtime_message(exc)}"
+        ) from exc
     write_openvino_metadata(model, metadata)
     out_dir.mkdir(parents=True, exist_ok=True)
     xml = out_dir / "model.xml"

@@ -224,6 +224,14 @@ def torch_reference(
         raw_fwd = perturbed_input(raw_fwd, amplitude, seed) if raw_fwd is not None else None
     outputs, metas = collect_outputs(fwd, data.raw_images, data, None)
     raw = collect_outputs(raw_fwd, data.raw_images, data, None)[0] if raw_fwd is not None else None
+    bad = non_finite({**outputs, **(raw or {})})
+    if bad:
+        raise ParityError(
+            "parity check 'reference': PyTorch reference outputs are not finite "
+            f"({', '.join(f'{k}: {n} NaN/Inf' for k, n in bad.items())}): the checkpoint's weights contain NaN/Inf "
+            "(training diverged) or the model overflows; nothing can be compared with them. Export an earlier "
+            "checkpoint, or retrain with a lower learning rate"
+        )
     dets = detections_for(fwd, data, None)
     perturb = None if amplitude else (
         lambda noise, draw: torch_reference(deploy, raw_module, data, output_names, noise, draw))
@@ -231,11 +239,34 @@ def torch_reference(
 
 
 # ------------------------------------------------------------------------------------------ checks
+def non_finite(arrays: dict[str, np.ndarray]) -> dict[str, int]:
+    """Count of NaN/Inf values per floating-point output (only those that have any)."""
+    counts = {}
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating):
+            n = int((~np.isfinite(value)).sum())
+            if n:
+                counts[name] = n
+    return counts
+
+
+def _non_finite_check(name: str, got: dict[str, np.ndarray], tol: Tolerance) -> Check | None:
+    """A failed check when the artefact's outputs hold NaN/Inf (an FP16 overflow, a broken file): the
+    comparisons below would be NaN, and the one-to-one pairing refuses a NaN cost matrix."""
+    bad = non_finite(got)
+    if not bad:
+        return None
+    return Check(name, None, tol.raw, False, True, {"non_finite_outputs": bad})
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
 
 
 def check_raw(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: Tolerance, topk: int) -> Check:
+    if (failed := _non_finite_check("raw", got, tol)) is not None:
+        return failed
     prob_diff = float(np.abs(_sigmoid(ref["logits"]) - _sigmoid(got["logits"])).max())
     box_diff = float(np.abs(ref["boxes_cxcywh"].astype(np.float64) - got["boxes_cxcywh"]).max())
     logit_diff = float(np.abs(ref["logits"].astype(np.float64) - got["logits"]).max())
@@ -286,6 +317,8 @@ def _matched_raw_diff(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], to
 
 def check_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: Tolerance) -> Check:
     """The artefact's top-K against PyTorch's: scores sorted, then boxes and mask logits of paired entries."""
+    if (failed := _non_finite_check("outputs", got, tol)) is not None:
+        return failed
     for name in ("labels", "boxes", "mask_logits"):
         if name in ref and name not in got:
             return Check("outputs", None, tol.raw, False, True, {"missing_output": name})

@@ -69,6 +69,10 @@ class Source:
     def is_video(self) -> bool:
         return self.kind in ("video", "webcam")
 
+    def input_paths(self) -> list[Path]:
+        """The files or folders this source reads: outputs must never be written over them."""
+        return []
+
 
 @dataclass
 class ImageFilesSource(Source):
@@ -77,6 +81,12 @@ class ImageFilesSource(Source):
 
     def __post_init__(self) -> None:
         self.total = len(self.files)
+
+    def input_paths(self) -> list[Path]:
+        # A folder protects all of it; a glob only the files it matched (its common folder may be `.`).
+        if self.kind == "folder" and self.root is not None:
+            return [self.root]
+        return list(self.files)
 
     def image_names(self) -> dict[int, str]:
         return {i: str(p) for i, p in enumerate(self.files, 1)}
@@ -123,6 +133,9 @@ class VideoSource(Source):
             self.total = min(self.total, self.max_frames)
         return cap
 
+    def input_paths(self) -> list[Path]:
+        return [Path(self.target)] if self.kind == "video" and Path(str(self.target)).exists() else []
+
     def probe(self) -> VideoSource:
         """Open once to read fps, size and frame count (raises SourceError now rather than mid-run)."""
         self._open().release()
@@ -130,7 +143,7 @@ class VideoSource(Source):
 
     def __iter__(self) -> Iterator[Frame]:
         cap = self._open()
-        stem = Path(str(self.target)).stem if self.kind == "video" else f"webcam{self.target}"
+        stem = _video_stem(self)
         try:
             index = 0
             while self.max_frames is None or index < self.max_frames:
@@ -190,20 +203,49 @@ class SinkOptions:
     show_conf: bool = True
 
 
+def planned_outputs(source: Source, options: SinkOptions) -> list[str]:
+    """The files (relative to `out`) a run over `source` writes, except crops (their names depend on the
+    detections) and summary.json: checked with `OutputFolder.check_all` before the first image is read."""
+    rels: list[str] = []
+    if isinstance(source, ImageFilesSource):
+        names = [source._name(p) for p in source.files]
+        if options.save_images:
+            rels += [f"images/{_image_name(n)}" for n in names]
+        if options.save_txt:
+            rels += [Path("labels", n).with_suffix(".txt").as_posix() for n in names]
+    elif isinstance(source, VideoSource) and options.save_images:
+        rels.append(f"{_video_stem(source)}.mp4")
+    if options.save_json:
+        rels += ["predictions.json", "images.json"]
+    return rels
+
+
 class ResultWriter:
     """Writes every sink for one run into `out` (created). `close()` writes the JSON files and returns
-    a summary of what was written."""
+    a summary of what was written.
+
+    `out` is a folder path or a `dfineseg.utils.outputs.OutputFolder`: every file goes through its `claim`,
+    so a run never writes over a file dfineseg did not write (a source image, a ground-truth label) or
+    over one of its inputs (`protect`: the source, the model file).
+    """
 
     def __init__(
         self,
-        out: str | Path,
+        out: Any,
         names: Sequence[str],
         category_ids: Sequence[int] | None,
         options: SinkOptions | None = None,
         video_fps: float | None = None,
+        protect: Sequence[str | Path] = (),
     ) -> None:
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if hasattr(out, "claim"):
+            self.folder = out
+        else:
+            # Imported here: the one torch-free helper of the core package that every command's outputs share.
+            from dfineseg.utils.outputs import OutputFolder
+
+            self.folder = OutputFolder(out, command="infer", protect=protect)
+        self.out = Path(self.folder.root)
         self.names = list(names)
         self.category_ids = list(category_ids) if category_ids is not None else list(range(len(names)))
         self.options = options or SinkOptions()
@@ -214,6 +256,9 @@ class ResultWriter:
         self._video: Any = None
         self._video_path: Path | None = None
         self.files: list[Path] = []
+
+    def planned(self, source: Source) -> list[str]:
+        return planned_outputs(source, self.options)
 
     # -------------------------------------------------------------- per frame
     def write(self, frame: Frame, det: Detections) -> None:
@@ -234,24 +279,26 @@ class ResultWriter:
             if self.video_fps is not None:
                 self._write_video_frame(drawn, frame)
             else:
-                self._write_image(self.out / "images" / _image_name(frame.name), drawn)
+                self._write_image(f"images/{_image_name(frame.name)}", drawn)
         if opts.save_txt:
-            txt = self.out / "labels" / Path(frame.name).with_suffix(".txt")
-            txt.parent.mkdir(parents=True, exist_ok=True)
+            txt = self.folder.claim(Path("labels", frame.name).with_suffix(".txt"))
             lines = det.to_yolo_lines(with_conf=False)
-            txt.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            try:
+                txt.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            except OSError as exc:
+                raise self.folder.os_error(exc, txt) from None
         if opts.save_crops and len(det):
             self._write_crops(frame, det)
 
-    def _write_image(self, path: Path, rgb: np.ndarray) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def _write_image(self, rel: str, rgb: np.ndarray) -> None:
+        path = self.folder.claim(rel)
         if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
             raise PredictorError(f"{path}: OpenCV could not write this image (disk full or unsupported suffix?)")
 
     def _write_video_frame(self, rgb: np.ndarray, frame: Frame) -> None:
         if self._video is None:
             stem = frame.name.rsplit("_", 1)[0]
-            self._video_path = self.out / f"{stem}.mp4"
+            self._video_path = self.folder.claim(f"{stem}.mp4")
             h, w = rgb.shape[:2]
             self._video = cv2.VideoWriter(str(self._video_path), cv2.VideoWriter_fourcc(*"mp4v"), self.video_fps, (w, h))
             if not self._video.isOpened():
@@ -268,7 +315,7 @@ class ResultWriter:
             if x1 <= x0 or y1 <= y0:
                 continue
             cls = self.names[int(label)] if int(label) < len(self.names) else str(int(label))
-            self._write_image(self.out / "crops" / _safe(cls) / f"{stem}_{i}.jpg", frame.image[y0:y1, x0:x1])
+            self._write_image(f"crops/{_safe(cls)}/{stem}_{i}.jpg", frame.image[y0:y1, x0:x1])
 
     # -------------------------------------------------------------- end of run
     def close(self) -> dict[str, Any]:
@@ -276,15 +323,17 @@ class ResultWriter:
             self._video.release()
             self._video = None
         if self.options.save_json:
-            self._write_json(self.out / "predictions.json", self.results)
-            self._write_json(self.out / "images.json", self.images)
+            self._write_json("predictions.json", self.results)
+            self._write_json("images.json", self.images)
         return {"out": str(self.out), **self.counts, "video": str(self._video_path) if self._video_path else None}
 
-    def _write_json(self, path: Path, data: Any) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
-        self.files.append(path)
+    def _write_json(self, rel: str, data: Any) -> None:
+        self.files.append(self.folder.write_text(rel, json.dumps(data)))
+
+
+def _video_stem(source: VideoSource) -> str:
+    """The annotated video's name: the frames are named `<stem>_<index>` (see VideoSource.__iter__)."""
+    return Path(str(source.target)).stem if source.kind == "video" else f"webcam{source.target}"
 
 
 def _image_name(name: str) -> str:

@@ -29,7 +29,12 @@ from dfineseg.infer.metadata import ModelInfo
 from dfineseg.infer.postprocess import postprocess
 from dfineseg.infer.preprocess import preprocess
 
-__all__ = ["BackendUnavailableError", "ModelFileError", "Predictor", "PredictorError"]
+__all__ = ["BackendUnavailableError", "InputImageError", "ModelFileError", "Predictor", "PredictorError"]
+
+
+class InputImageError(PredictorError):
+    """What was passed to `predict` is not a usable image (None, a missing path, an empty or odd array)."""
+
 
 DEFAULT_BATCH = 8  # images per forward for dynamic-batch models (memory stays small at 640x640)
 
@@ -193,15 +198,23 @@ class Predictor:
                 "predict takes HxWxC images (or a list of them), not a 4-D batch; preprocessed batches go to "
                 "predictor.backend.forward"
             )
-        single = isinstance(source, np.ndarray | str | Path)
-        items = [source] if single else list(source)
-        images = [self._as_image(x) for x in items]
+        single = source is None or isinstance(source, np.ndarray | str | Path)
+        if single:
+            items = [source]
+        elif isinstance(source, Iterable) and not isinstance(source, bytes | bytearray | Mapping):
+            items = list(source)
+        else:
+            raise InputImageError(
+                f"predict takes a numpy image (HxWx3 RGB), an image path or a list of them, got {type(source).__name__}"
+            )
+        images = [self._as_image(x, None if single else i) for i, x in enumerate(items)]
         results = self.predict_batch(images, conf=conf)
         return results[0] if single else results
 
     def predict_batch(self, images: Sequence[np.ndarray], conf: float | None = None) -> list[Detections]:
         if not len(images):
             return []
+        images = [self._as_image(im, i) for i, im in enumerate(images)]  # arrays: a cheap shape/dtype check
         thr = self.conf if conf is None else float(conf)
         _check_conf(thr)
         out: list[Detections] = []
@@ -232,14 +245,23 @@ class Predictor:
             yield key, image, self._postprocess(outputs, metas, thr)[0]
 
     # ------------------------------------------------------------------ steps
-    def _as_image(self, item: np.ndarray | str | Path) -> np.ndarray:
+    def _as_image(self, item: Any, index: int | None = None) -> np.ndarray:
+        where = "" if index is None else f" (item {index} of the list)"
+        if item is None:
+            raise InputImageError(
+                f"predict got None instead of an image{where}: cv2.imread (and read functions like it) return None "
+                "for a missing or unreadable file; check the path, or pass the path itself to predict"
+            )
         if isinstance(item, np.ndarray):
+            _check_image_array(item, where)
             return item
         if isinstance(item, str | Path):
             from dfineseg.infer.io import read_image
 
-            return read_image(item)
-        raise PredictorError(f"predict takes numpy images or image paths, got {type(item).__name__}")
+            return read_image(Path(item).expanduser())  # ImageReadError names the file (missing, unreadable)
+        raise InputImageError(
+            f"predict takes numpy images (HxWx3 RGB uint8) or image paths, got {type(item).__name__}{where}"
+        )
 
     def _preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list]:
         try:
@@ -283,6 +305,21 @@ class Predictor:
         return (
             f"Predictor({self.backend.path}, backend={rt.backend}, device={rt.device}, precision={rt.precision}, "
             f"task={self.info.task}, classes={len(self.info.names)}, imgsz={list(self.info.imgsz)}, conf={self.conf})"
+        )
+
+
+def _check_image_array(img: np.ndarray, where: str = "") -> None:
+    """Shape, size and dtype problems of an image array as one clear message (before any preprocessing)."""
+    shape = tuple(img.shape)
+    if img.ndim not in (2, 3) or (img.ndim == 3 and shape[2] not in (1, 3, 4)):
+        raise InputImageError(
+            f"image{where} has shape {shape}; expected HxWx3 (RGB), HxWx4, HxWx1 or HxW (gray)"
+        )
+    if img.size == 0:
+        raise InputImageError(f"image{where} is empty (shape {shape}); was it decoded or cropped correctly?")
+    if not (img.dtype in (np.uint8, np.uint16, np.bool_) or np.issubdtype(img.dtype, np.floating)):
+        raise InputImageError(
+            f"image{where} has dtype {img.dtype}; use uint8 (as read by OpenCV/PIL), uint16, or float in 0..1"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,3 +61,41 @@ def input_hw_from(shape: Sequence[Any], metadata: dict[str, str], path: Path) ->
 def precision_from_metadata(metadata: dict[str, str], default: str) -> str:
     value = metadata.get("precision")
     return str(value) if value else default
+
+
+# ONNX Runtime prefixes its messages with a status code and names the C++ function that failed; OpenVINO
+# stacks "Exception from src/...cpp:84:" lines above the reason. Both hide the reason a user needs.
+_ORT_STATUS = re.compile(r"\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_CPP_FRAME = re.compile(
+    r"[\w./\\-]+\.(?:cc|cpp|cxx|c|h|hpp):\d+:?\s+(?:[^\s(]+\s+){0,3}?[\w:~<>]+\((?:[^()]|\([^()]*\))*\)\s*"
+)
+_OV_FRAME = re.compile(r"^(?:Exception from \S+:\d+:?|Check '.*' failed at \S+:\d+:?)\s*$")
+
+
+def runtime_message(exc: BaseException, max_chars: int = 1200) -> str:
+    """The runtime's own reason for an error, whole: status prefixes and C++ source locations removed,
+    the remaining lines joined (cut only past `max_chars`)."""
+    text = _ORT_STATUS.sub("", str(exc))
+    text = _CPP_FRAME.sub(" ", text)
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not _OV_FRAME.match(line)]
+    message = " ".join(lines) or type(exc).__name__
+    message = re.sub(r"failed:\s*", "failed: ", message)
+    return message if len(message) <= max_chars else message[: max_chars - 3] + "..."
+
+
+def onnx_load_hint(message: str, runtime: str, version: str) -> str:
+    """What to do about a file this runtime cannot load, from its message."""
+    ir = re.search(r"IR version:?\s*(\d+),\s*max supported IR version:?\s*(\d+)", message)
+    if ir:
+        return (
+            f"the file is ONNX IR version {ir.group(1)}, this {runtime} {version} reads up to {ir.group(2)}: "
+            f"upgrade it (pip install -U {runtime}) or export the model again with this environment's "
+            "onnx (`dfineseg export`)"
+        )
+    if re.search(r"[Oo]pset \d+", message):
+        return (
+            f"the file uses an operator set this {runtime} {version} does not support: upgrade it "
+            f"(pip install -U {runtime}) or export again with a lower export.opset"
+        )
+    return "is it a complete, uncorrupted export? Export it again with `dfineseg export`"

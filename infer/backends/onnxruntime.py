@@ -20,7 +20,13 @@ from dfineseg.infer.backends import (
     RuntimeInfo,
     import_runtime,
 )
-from dfineseg.infer.backends._common import input_hw_from, parse_device, precision_from_metadata
+from dfineseg.infer.backends._common import (
+    input_hw_from,
+    onnx_load_hint,
+    parse_device,
+    precision_from_metadata,
+    runtime_message,
+)
 
 # Requested device -> provider chain (first choice first; CPU last so unsupported nodes still run).
 _PROVIDERS = {
@@ -65,9 +71,10 @@ class OnnxRuntimeBackend(Backend):
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types for bad files
+            reason = runtime_message(exc)
             raise ModelFileError(
-                f"{self.path}: ONNX Runtime cannot load this file ({type(exc).__name__}: {str(exc).strip()[:300]}); "
-                "is it a complete .onnx export? Re-export with `dfineseg export`"
+                f"{self.path}: ONNX Runtime cannot load this file: {reason}\n"
+                f"  fix: {onnx_load_hint(reason, 'onnxruntime', getattr(ort, '__version__', '?'))}"
             ) from None
         used = self.session.get_providers()
         if used[0] != wanted:

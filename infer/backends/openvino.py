@@ -25,7 +25,7 @@ from dfineseg.infer.backends import (
     RuntimeInfo,
     import_runtime,
 )
-from dfineseg.infer.backends._common import input_hw_from
+from dfineseg.infer.backends._common import input_hw_from, runtime_message
 
 _PRECISIONS = {"f32": "f32", "fp32": "f32", "f16": "f16", "fp16": "f16", "half": "f16", "bf16": "bf16"}
 _HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT", "cumulative_throughput": "CUMULATIVE_THROUGHPUT"}
@@ -92,9 +92,12 @@ class OpenVinoBackend(Backend):
         try:
             model = core.read_model(str(self.path))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with parser messages
+            reason = runtime_message(exc)
             raise ModelFileError(
-                f"{self.path}: OpenVINO cannot read this IR ({str(exc).strip().splitlines()[0][:300]}); "
-                "re-export it with `dfineseg export format=openvino`"
+                f"{self.path}: OpenVINO cannot read this model: {reason}\n"
+                "  fix: is it a complete IR (.xml with its .bin) from `dfineseg export format=openvino`? Export it "
+                f"again (an IR from a newer OpenVINO than {getattr(ov, '__version__', 'this one')} needs that "
+                "version: pip install -U openvino)"
             ) from None
         self.metadata = read_rt_metadata(model)
         if len(model.inputs) != 1 or INPUT_NAME not in model.inputs[0].get_names():
@@ -118,7 +121,7 @@ class OpenVinoBackend(Backend):
         except Exception as exc:
             raise PredictorError(
                 f"{self.path}: OpenVINO cannot compile this model for {device_name} with {config} "
-                f"({str(exc).strip().splitlines()[0][:300]})"
+                f"({runtime_message(exc)}); try device=cpu, or another precision="
             ) from None
         self.output_names = self._check_outputs(self._output_name(o) for o in self.compiled.outputs)
         pshape = model.inputs[0].get_partial_shape()
