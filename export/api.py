@@ -23,24 +23,29 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dfineseg.export.errors import ExportError, ParityError
+from dfineseg.export.errors import ExportError
 from dfineseg.export.meta import build_metadata, with_precision
 from dfineseg.export.parity import (
     RAW_NAMES,
     TOLERANCES,
     ParityData,
-    ParityReport,
     Reference,
     int8_tolerance,
-    report_path,
     run_parity,
     torch_reference,
+)
+from dfineseg.export.publish import (
+    ArtefactRecord,
+    ExportRun,
+    artefact_size,
+    output_names,
+    planned_artefacts,
 )
 from dfineseg.utils.io import atomic_write_bytes
 from dfineseg.utils.outputs import OutputFolder
@@ -183,59 +188,6 @@ def _backend(path: Path, **options: Any) -> tuple[Callable[[np.ndarray], dict[st
     return backend.forward, r.batch, runtime
 
 
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.name.endswith(".json"))
-    return path.stat().st_size
-
-
-# ------------------------------------------------------------------------------------------ artefacts
-@dataclass(frozen=True)
-class ArtefactSpec:
-    """Where an artefact lives in the out folder, and where a failed one is kept aside."""
-
-    key: str
-    name: str
-    failed: str
-    folder: bool = False
-
-    def files(self, name: str) -> list[str]:
-        """`name` plus the files next to it that belong to it (a file artefact's report, an engine's sidecar)."""
-        if self.folder:
-            return [name]
-        extra = [name + ".json"] if self.key == "tensorrt" else []
-        return [name, name + ".parity.json", *extra]
-
-
-SPECS: dict[str, ArtefactSpec] = {
-    "onnx": ArtefactSpec("onnx", "model.onnx", "model.failed.onnx"),
-    "onnx_fp16": ArtefactSpec("onnx_fp16", "model_fp16.onnx", "model_fp16.failed.onnx"),
-    "openvino": ArtefactSpec("openvino", "openvino", "openvino.failed", folder=True),
-    "openvino_fp16": ArtefactSpec("openvino_fp16", "openvino_fp16", "openvino_fp16.failed", folder=True),
-    "openvino_int8": ArtefactSpec("openvino_int8", "openvino_int8", "openvino_int8.failed", folder=True),
-    "tensorrt": ArtefactSpec("tensorrt", "model.engine", "model.failed.engine"),
-}
-SUMMARY_NAME = "export_summary.json"
-
-
-def planned_artefacts(formats: list[str], half: bool, int8: bool) -> list[str]:
-    """The artefact keys an export makes, in the order it makes them."""
-    keys = ["onnx"] if "onnx" in formats else []
-    if ("onnx" in formats and half) or "tensorrt" in formats:
-        keys.append("onnx_fp16")
-    if "openvino" in formats:
-        keys += ["openvino"] + (["openvino_fp16"] if half else []) + (["openvino_int8"] if int8 else [])
-    if "tensorrt" in formats:
-        keys.append("tensorrt")
-    return keys
-
-
-def output_names(keys: list[str]) -> list[str]:
-    """Every name an export of `keys` may write in the out folder (checked before any work)."""
-    names = [n for k in keys for name in (SPECS[k].name, SPECS[k].failed) for n in SPECS[k].files(name)]
-    return [*names, SUMMARY_NAME]
-
-
 def check_finite_weights(model: Any, weights: Path, info: dict[str, Any]) -> None:
     """Refuse a checkpoint whose weights hold NaN/Inf: its outputs are NaN and every parity check would fail."""
     import torch
@@ -258,166 +210,8 @@ def check_finite_weights(model: Any, weights: Path, info: dict[str, Any]) -> Non
 
 
 # ------------------------------------------------------------------------------------------ driver
-@dataclass
-class ArtefactRecord:
-    key: str
-    path: Path
-    precision: str
-    seconds: float
-    parity: ParityReport | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    status: str = "not-checked"
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "status": self.status,
-            "precision": self.precision,
-            "export_seconds": round(self.seconds, 3),
-            "size_bytes": _size(self.path) if self.path.exists() else 0,
-            "parity": None if self.parity is None else {"passed": self.parity.passed, "report": self.parity.to_dict()},
-            **self.extra,
-        }
-
-
 def _print(msg: str) -> None:
     print(msg, flush=True)
-
-
-class ExportRun:
-    """One export's artefacts: made in `stage`, checked there, then promoted over the older one or kept
-    aside as failed; and the summary of all of them, written whatever happened."""
-
-    def __init__(self, keys: list[str], folder: OutputFolder, say: Say) -> None:
-        self.keys = keys
-        self.folder = folder
-        self.say = say
-        self.stage: Path | None = None
-        self.records: dict[str, ArtefactRecord] = {}
-        self.results: dict[str, dict[str, Any]] = {k: {"status": "not-run"} for k in keys}
-        self.current: str | None = None  # the artefact being made: an error now is its failure
-
-    def staged(self, key: str) -> Path:
-        assert self.stage is not None
-        return self.stage / SPECS[key].name
-
-    def start(self, key: str) -> Path:
-        self.current = key
-        return self.staged(key)
-
-    def _move(self, spec: ArtefactSpec, staged: Path, name: str) -> Path:
-        target = self.folder.promote(staged, name)
-        if spec.key == "tensorrt":
-            sidecar = staged.with_name(staged.name + ".json")
-            if sidecar.exists():
-                self.folder.promote(sidecar, name + ".json")
-        return target
-
-    def _write_report(self, spec: ArtefactSpec, report: ParityReport, path: Path) -> None:
-        report.artefact = str(path)
-        report.write(path / "parity.json" if spec.folder else self.folder.claim(path.name + ".parity.json"))
-
-    def _drop(self, name: str) -> None:
-        """Remove an earlier artefact of ours (the ledger says so) that this run's result supersedes."""
-        path = self.folder.root / name
-        if not self.folder.owns(name) or not (path.exists() or path.is_symlink()):
-            return
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-
-    def settle(self, rec: ArtefactRecord) -> Path:
-        """A made (and, with parity on, checked) artefact: promote it, or keep it aside and raise ParityError."""
-        spec = SPECS[rec.key]
-        report = rec.parity
-        passed = report is None or report.passed
-        final = self._move(spec, rec.path, spec.name if passed else spec.failed)
-        rec.path = final
-        rec.status = "not-checked" if report is None else "passed" if passed else "failed"
-        if report is not None:
-            self._write_report(spec, report, final)
-        if passed:
-            for name in spec.files(spec.failed):  # an older failure of this artefact is no longer news
-                self._drop(name)
-        self.records[rec.key] = rec
-        self.results[rec.key] = {"status": rec.status, "path": str(final)}
-        self.current = None
-        if not passed:
-            assert report is not None
-            lines = "\n  ".join(c.describe() for c in report.failures())
-            older = self.folder.root / spec.name
-            kept = f"the earlier {older} is unchanged" if older.exists() else f"nothing was written at {older}"
-            raise ParityError(
-                f"{final}: parity with PyTorch failed ({rec.precision}; report {report_path(final)}); kept aside "
-                f"under that name, {kept}:\n  {lines}"
-            )
-        self.say(f"  {rec.key}: {rec.status} -> {final}")
-        return final
-
-    def fail_current(self, exc: BaseException) -> None:
-        """An error while `current` was being made: it failed; what it left is kept aside as failed."""
-        key, self.current = self.current, None
-        if key is None:
-            return
-        entry: dict[str, Any] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-        staged = self.staged(key) if self.stage is not None else None
-        if staged is not None and (staged.exists() or staged.is_symlink()):
-            try:
-                entry["path"] = str(self._move(SPECS[key], staged, SPECS[key].failed))
-            except Exception as move_exc:  # noqa: BLE001 - the original error is the one to report
-                entry["kept_aside_error"] = str(move_exc)
-        self.results[key] = entry
-
-    def summary(self, base: dict[str, Any], error: BaseException | None) -> dict[str, Any]:
-        failed = [k for k, r in self.results.items() if r["status"] == "failed"]
-        results = {}
-        for key, entry in self.results.items():
-            entry = dict(entry)
-            if entry["status"] == "not-run":
-                entry["reason"] = (
-                    f"not made: {failed[0]} failed first" if failed
-                    else f"not made: the export stopped ({type(error).__name__})" if error else "not made"
-                )
-            results[key] = entry
-        statuses = {r["status"] for r in results.values()}
-        status = "failed" if error is not None or "failed" in statuses else (
-            "passed" if statuses <= {"passed"} else "not-checked")
-        earlier = self._earlier()
-        return {
-            "status": status,
-            "error": None if error is None else f"{type(error).__name__}: {error}",
-            **base,
-            "results": results,
-            "artefacts": {k: r.summary() for k, r in self.records.items()},
-            **({"earlier_artefacts": earlier} if earlier else {}),
-        }
-
-    def _earlier(self) -> dict[str, Any]:
-        """Artefacts of earlier exports into this folder that this one did not replace (not asked for, failed
-        or not run this time) and that are still on disk, as the earlier summary described them."""
-        path = self.folder.root / SUMMARY_NAME
-        if not self.folder.owns(SUMMARY_NAME) or not path.is_file():
-            return {}
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-            sources = [old.get("artefacts") or {}, old.get("earlier_artefacts") or {}]  # newest first
-        except (ValueError, OSError, AttributeError):
-            return {}
-        earlier: dict[str, Any] = {}
-        for entries in sources:
-            for key, entry in entries.items():
-                if key in earlier or key not in SPECS or not isinstance(entry, dict) or not entry.get("path"):
-                    continue
-                if self.results.get(key, {}).get("status") in ("passed", "not-checked"):
-                    continue  # replaced by this run
-                if Path(entry["path"]).name == SPECS[key].name and Path(entry["path"]).exists():
-                    earlier[key] = entry
-        return earlier
-
-    def write_summary(self, base: dict[str, Any], error: BaseException | None) -> Path:
-        data = json.dumps(self.summary(base, error), indent=2, default=str)
-        return self.folder.write_text(SUMMARY_NAME, data)
 
 
 def export_model(weights: str | Path, cfg: Any, say: Say | None = _print) -> dict[str, Path]:
@@ -554,7 +348,7 @@ def _export_all(
     onnx_path = run.staged("onnx")
     info_onnx = export_onnx(deploy, onnx_path, metadata=base_meta, **common)
     note = "" if info_onnx.simplified else f" (not simplified: {info_onnx.simplify_error or 'simplify=false'})"
-    say(f"ONNX: exported ({_size(onnx_path) / 1e6:.1f} MB, {info_onnx.seconds:.1f} s, opset {plan.opset}){note}")
+    say(f"ONNX: exported ({artefact_size(onnx_path) / 1e6:.1f} MB, {info_onnx.seconds:.1f} s, opset {plan.opset}){note}")
     onnx_rec = ArtefactRecord("onnx", onnx_path, "fp32", info_onnx.seconds, extra={
         "simplified": info_onnx.simplified, "simplify_error": info_onnx.simplify_error, "op_counts": info_onnx.op_counts})
 
@@ -609,7 +403,7 @@ def _export_all(
             max_batch=max(plan.batch, 8) if plan.dynamic_batch else plan.batch, workspace_gb=e.workspace_gb,
             metadata=with_precision(base_meta, "fp16"),
         )
-        say(f"TensorRT {einfo.tensorrt_version}: built ({_size(engine) / 1e6:.1f} MB, {einfo.seconds:.1f} s)")
+        say(f"TensorRT {einfo.tensorrt_version}: built ({artefact_size(engine) / 1e6:.1f} MB, {einfo.seconds:.1f} s)")
         rec = ArtefactRecord("tensorrt", engine, "fp16", einfo.seconds, extra={
             "tensorrt_version": einfo.tensorrt_version, "strongly_typed": einfo.strongly_typed})
         fwd, fixed, runtime = _backend(engine, device="cuda")
@@ -630,7 +424,7 @@ def _write_fp16_onnx(src: Path, dst: Path, metadata: dict[str, str], say: Say | 
     atomic_write_bytes(dst, fp16.SerializeToString())
     seconds = time.perf_counter() - t0
     if say:
-        say(f"ONNX FP16: converted ({_size(dst) / 1e6:.1f} MB, {seconds:.1f} s; float32 inputs/outputs, LayerNorm/Softmax in float32)")
+        say(f"ONNX FP16: converted ({artefact_size(dst) / 1e6:.1f} MB, {seconds:.1f} s; float32 inputs/outputs, LayerNorm/Softmax in float32)")
     return ArtefactRecord("onnx_fp16", dst, "fp16", seconds)
 
 
@@ -647,7 +441,7 @@ def _openvino_all(plan, e, onnx_path, twin_onnx, base_meta, tmp, data, calib, ch
     for key, precision, compress in variants:
         out_dir = run.start(key)
         oinfo = export_openvino(onnx_path, out_dir, compress_fp16=compress, metadata=with_precision(base_meta, precision))
-        say(f"OpenVINO {precision}: converted ({_size(out_dir) / 1e6:.1f} MB, {oinfo.seconds:.1f} s)")
+        say(f"OpenVINO {precision}: converted ({artefact_size(out_dir) / 1e6:.1f} MB, {oinfo.seconds:.1f} s)")
         rec = ArtefactRecord(key, out_dir, precision, oinfo.seconds, extra={"precision_hint": PARITY_PRECISION_HINT})
         raw_fwd = None
         if twin_onnx is not None:
@@ -675,7 +469,7 @@ def _openvino_all(plan, e, onnx_path, twin_onnx, base_meta, tmp, data, calib, ch
             f"F1 float {res.float_f1:.4f} -> INT8 {res.int8_f1:.4f} (drop {res.f1_drop:+.4f}, max {res.max_drop})"
             if res.f1_drop is not None else "F1 not measured"
         )
-        say(f"OpenVINO INT8: quantised ({_size(out_dir) / 1e6:.1f} MB, {res.seconds:.1f} s); {f1_txt}; {res.note}")
+        say(f"OpenVINO INT8: quantised ({artefact_size(out_dir) / 1e6:.1f} MB, {res.seconds:.1f} s); {f1_txt}; {res.note}")
         rec = ArtefactRecord("openvino_int8", out_dir, "int8", res.seconds, extra={"int8": res.to_dict()})
         fwd, fixed, runtime = _backend(res.xml, precision=PARITY_PRECISION_HINT)
         check(rec, fwd, fixed, int8_tolerance(e.int8_max_drop), None, runtime)

@@ -335,3 +335,31 @@ def test_detections_check_counts_two_empty_masks_as_the_same_answer():
     assert check_detections([one(full)], [one(full.copy())], 0.5, TOLERANCES["fp32"]).passed
     check = check_detections([one(full)], [one(empty)], 0.5, TOLERANCES["fp32"])
     assert not check.passed and check.detail["pairs_below_iou"] == 1
+
+
+def test_fp16_outputs_check_judges_queries_that_can_become_detections():
+    """FP16 judges the top-K entries PyTorch scores at least half the threshold (chaotic background queries
+    far below it are reported, not judged); FP32 judges every entry from RELEVANT_SCORE up."""
+    from dfineseg.export.parity import TOLERANCES, check_outputs
+
+    scores = np.array([[0.9, 0.4, 0.08, 0.05]], np.float32)
+    boxes = np.array([[[0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.7, 0.7], [0.2, 0.6, 0.4, 0.8], [0.6, 0.1, 0.8, 0.3]]],
+                     np.float32)
+    ref = {"scores": scores, "labels": np.zeros((1, 4), np.int64), "boxes": boxes}
+
+    def moved(indices: tuple[int, ...], by: float) -> dict[str, np.ndarray]:
+        got = {k: v.copy() for k, v in ref.items()}
+        got["boxes"][0, list(indices)] += by
+        return got
+
+    # (With 4 entries one may be a swap at the encoder's top-K boundary: each case moves two.)
+    # Both background queries (0.08 and 0.05, far below conf 0.5) move by 0.05: reported, not judged, in FP16.
+    background = check_outputs(ref, moved((2, 3), 0.05), TOLERANCES["fp16"], conf=0.5)
+    assert background.passed and background.detail["max_abs_paired_not_judged"] == pytest.approx(0.05, abs=1e-6)
+    assert background.detail["judged_min_score"] == pytest.approx(0.25)
+    # The same move on the queries at 0.9 and 0.4 (within a factor of two of the threshold) fails.
+    near = check_outputs(ref, moved((0, 1), 0.05), TOLERANCES["fp16"], conf=0.5)
+    assert not near.passed and near.value == pytest.approx(0.05, abs=1e-6)
+    # FP32 judges the background queries too (its arithmetic has no excuse).
+    strict = check_outputs(ref, moved((2, 3), 0.05), TOLERANCES["fp32"], conf=0.5)
+    assert not strict.passed
