@@ -13,11 +13,9 @@ import contextlib
 import math
 import multiprocessing
 import random
-import re
 import resource
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -32,44 +30,33 @@ from dfineseg.train.checkpoint import (
     CHECKPOINT_SCHEMA,
     CheckpointError,
     capture_rng,
-    config_from_checkpoint,
     load_checkpoint,
     nonfinite_weights,
     restore_rng,
     save_checkpoint,
 )
+from dfineseg.train.divergence import (
+    NONFINITE_WINDOW,
+    NONFINITE_WINDOW_SHARE,
+    DivergenceGuard,
+    TrainingDiverged,
+    diverged_message,
+)
 from dfineseg.train.ema import ModelEMA, unwrap
-from dfineseg.train.optim import LRSchedule, build_optimizer, resolve_optim_settings
-from dfineseg.train.results import ResultsLog, prediction_image_name, save_prediction_images
+from dfineseg.train.epoch_loader import batches, epoch_loader, multiscale_sizer
+from dfineseg.train.optim import LRSchedule, build_optimizer
+from dfineseg.train.results import ResultsLog, save_prediction_images
+from dfineseg.train.resume import RESUME_CHANGEABLE, RESUME_FREE_SECTIONS, resume_config
+from dfineseg.train.run_folder import RunFolder, increment_run_dir, remove_stale_temp_files
 from dfineseg.train.sampler import ResumableBatchSampler
-from dfineseg.utils.outputs import LEDGER, OutputConflictError, OutputFolder
 
-
-class TrainingDiverged(UserError, RuntimeError):
-    """Too many non-finite losses or gradients; the last checkpoint with finite weights is kept."""
-
-
-# The divergence guard: a run stops when this share of the last NONFINITE_WINDOW steps was skipped, or when
-# most of its steps so far were (at least two), or after train.max_nonfinite skipped steps in a row.
-NONFINITE_WINDOW = 20
-NONFINITE_WINDOW_SHARE = 0.5
-
-# Settings that may differ from the checkpoint's on resume: they change neither the model, the data order
-# nor the optimisation up to the checkpoint, so the continued run is the same run. `train.epochs` re-plans
-# the learning-rate schedule's length from the current step on; the sections training never reads (export,
-# infer, bench) are stored with the run for later commands.
-RESUME_CHANGEABLE = (
-    "train.device", "data.workers", "data.path", "train.epochs", "train.patience", "train.save_every_steps",
-    "train.save_every_epochs", "train.val_every", "train.plot_images", "train.tensorboard",
-    "train.max_nonfinite", "eval.batch", "eval.plots",
-)
-RESUME_FREE_SECTIONS = ("export", "infer", "bench")
-
-# Temp files of atomic writes (dfineseg.utils.io: mkstemp prefix ".{name}." suffix ".tmp") of the files the
-# trainer writes; a kill -9 in the middle of a save leaves one behind.
-_STALE_TEMP = re.compile(
-    r"^\.(last\.pt|best\.pt|config\.yaml|results\.csv|results\.png|val_pred_\d+\.jpg)\.[a-z0-9_]{8}\.tmp$"
-)
+# The public names, with those that moved to divergence / resume / run_folder: callers and tests still
+# import them from here.
+__all__ = [
+    "NONFINITE_WINDOW", "NONFINITE_WINDOW_SHARE", "RESUME_CHANGEABLE", "RESUME_FREE_SECTIONS", "Trainer",
+    "TrainingDiverged", "default_best_metric", "increment_run_dir", "memory_text", "remove_stale_temp_files",
+    "seed_everything", "split_losses", "targets_to",
+]
 
 
 # ---------------------------------------------------------------- small helpers
@@ -81,62 +68,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-
-
-def increment_run_dir(project: str | Path, name: str, exist_ok: bool) -> Path:
-    """runs/exp, then runs/exp2, runs/exp3 ... unless exist_ok reuses the folder."""
-    base = Path(project) / name
-    if exist_ok or not base.exists():
-        return base
-    n = 2
-    while (Path(project) / f"{name}{n}").exists():
-        n += 1
-    return Path(project) / f"{name}{n}"
-
-
-def remove_stale_temp_files(run_dir: Path) -> list[Path]:
-    """Delete the temp files an interrupted checkpoint/result save left in `run_dir` (exact pattern only)."""
-    removed = []
-    if run_dir.is_dir():
-        for entry in run_dir.iterdir():
-            if _STALE_TEMP.match(entry.name) and entry.is_file() and not entry.is_symlink():
-                entry.unlink(missing_ok=True)
-                removed.append(entry)
-    return removed
-
-
-def _explicit_settings(cfg: Any) -> dict[str, Any]:
-    """Dotted key -> value (JSON form) of every setting given explicitly (YAML, overrides, assignment)."""
-    from pydantic import BaseModel
-
-    dumped = cfg.to_dict()
-    out: dict[str, Any] = {}
-
-    def walk(section: BaseModel, values: dict[str, Any], prefix: str) -> None:
-        for name in section.model_fields_set:
-            value = getattr(section, name)
-            if isinstance(value, BaseModel):
-                walk(value, values.get(name) or {}, f"{prefix}{name}.")
-            else:
-                out[f"{prefix}{name}"] = values.get(name)
-
-    walk(cfg, dumped, "")
-    return out
-
-
-def _lookup(tree: dict[str, Any], dotted: str, default: Any = None) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-def _same_path(a: Any, b: Any) -> bool:
-    if a is None or b is None:
-        return a == b
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def targets_to(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
@@ -190,70 +121,13 @@ class Trainer:
             self.resume_ckpt = load_checkpoint(cfg.train.resume)
             if self.resume_ckpt.get("optimizer") is None:
                 raise CheckpointError(f"{cfg.train.resume}: holds no optimizer state (best.pt); resume from last.pt")
-            cfg = self._resume_config(cfg, self.resume_ckpt)
+            cfg, self.resume_epochs = resume_config(cfg, self.resume_ckpt, self.dist.is_main)
         self.cfg = cfg
         self.tcfg = cfg.train
         self.device = self.dist.device
         # A test may wrap the criterion (e.g. to inject a NaN); users never need this.
         self.criterion_hook = criterion_hook
         self.stop_reason = ""
-
-    def _resume_config(self, cfg: Any, ckpt: dict[str, Any]) -> Any:
-        """The checkpoint's own config. Explicit settings that differ from it are applied when they may change
-        on resume (RESUME_CHANGEABLE, printed) and refused otherwise: a resumed run is the same run, and an
-        override silently ignored is a run the user did not ask for."""
-        from dfineseg.config import Config, build_config
-        from dfineseg.overrides import set_path
-
-        resume = cfg.train.resume
-        raw_saved = ckpt["config"]
-        defaults = Config().to_dict()
-        saved = config_from_checkpoint(ckpt).to_dict()
-        saved["train"]["device"] = cfg.train.device  # machine-dependent: always this machine's
-        saved["data"]["workers"] = cfg.data.workers
-        saved["train"]["resume"] = resume
-        old_path = raw_saved.get("data", {}).get("path")
-        saved["data"]["path"] = old_path
-        applied: list[str] = []
-        refused: list[str] = []
-        for key, given in sorted(_explicit_settings(cfg).items()):
-            if key in ("schema_version", "train.resume", "train.device", "data.workers"):
-                continue
-            before = _lookup(raw_saved, key, _lookup(defaults, key))
-            if key == "data.path" and _same_path(given, before):
-                continue
-            if given == before or (isinstance(given, list) and isinstance(before, list | tuple)
-                                   and list(before) == given):
-                continue
-            change = f"{key} {before!r} -> {given!r}"
-            if key in RESUME_CHANGEABLE or key.split(".")[0] in RESUME_FREE_SECTIONS:
-                set_path(saved, key, given)
-                applied.append(change)
-                if key == "train.epochs":
-                    self.resume_epochs = int(given)
-            else:
-                refused.append(change)
-        if refused:
-            changeable = ", ".join(k.replace("train.", "").replace("data.path", "data") for k in RESUME_CHANGEABLE)
-            raise ConfigError(
-                f"resume={resume} continues that run with the settings stored in it; these overrides cannot "
-                f"change on resume: {'; '.join(refused)}. Drop them to resume, or start a new run from its "
-                f"weights with model.weights={resume} and the new settings. Settings that may change on "
-                f"resume: {changeable}"
-            )
-        if saved["data"]["path"] is None or not Path(saved["data"]["path"]).exists():
-            if cfg.data.path is None:
-                raise UserError(
-                    f"{resume}: the run's dataset {old_path} is gone; pass data=PATH to resume on its new location"
-                )
-            saved["data"]["path"] = cfg.data.path
-            if not any(a.startswith("data.path ") for a in applied):
-                applied.append(f"data.path {old_path!r} -> {cfg.data.path!r}")
-        if applied and self.dist.is_main:
-            print(f"resume {resume}: applying " + "; ".join(applied)
-                  + (" (the learning-rate schedule is re-planned for the new length)" if self.resume_epochs else ""),
-                  file=sys.stderr)
-        return build_config(saved, f"config of {resume}")
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -290,7 +164,13 @@ class Trainer:
         self.task = cfg.model.task
         self.best_metric = default_best_metric(tcfg.best_metric, self.task)
         self.is_main = self.dist.is_main
-        self._open_run_folder()
+        self.folder = RunFolder.open(cfg, self.train_index, self.val_index, self.resume_ckpt is not None, self.is_main)
+        self.run_dir, self.outputs = self.folder.path, self.folder.outputs
+        # Checkpoints of this run (name -> step): on divergence the message names what is kept.
+        self.saved_checkpoints: dict[str, int] = {}
+        if self.resume_ckpt is not None:
+            self.saved_checkpoints = {n: int(self.resume_ckpt["step"]) for n in ("last.pt", "best.pt")
+                                      if (self.run_dir / n).is_file()}
 
         # Augmentation randomness is drawn per item from (seed, epoch, index) inside the dataset, so it is
         # the same with any number of workers and after a resume.
@@ -299,7 +179,7 @@ class Trainer:
         self.sampler = ResumableBatchSampler(
             len(self.train_set), tcfg.batch, seed=tcfg.seed, shuffle=True,
             rank=self.dist.rank, world_size=self.dist.world_size, imgsz=tuple(cfg.data.imgsz),
-            size_for=self._multiscale_sizer(),
+            size_for=multiscale_sizer(cfg),
         )
 
         model = build_model(cfg.model, num_classes)
@@ -343,9 +223,7 @@ class Trainer:
         self.step = 0
         self.best_fitness: float | None = None
         self.best_epoch = -1
-        self.nonfinite_total = 0
-        self.nonfinite_run = 0
-        self.nonfinite_recent: deque[bool] = deque(maxlen=NONFINITE_WINDOW)
+        self.divergence = DivergenceGuard(tcfg.max_nonfinite, self._diverged_message, self.is_main)
         self.elapsed_before = 0.0
         self.epoch_times: list[float] = []
         self.last_metrics: dict[str, float] = {}
@@ -359,116 +237,13 @@ class Trainer:
                     )
                 self._plan_epochs(self.resume_epochs)
         if self.is_main:
-            self.cfg.save(self._claim("config.yaml"))
+            self.cfg.save(self.folder.claim("config.yaml"))
             self.log = ResultsLog(self.run_dir, tensorboard=tcfg.tensorboard, outputs=self.outputs)
             self._last_plot = 0.0
             if self.resume_ckpt is not None:
                 # results.csv rows are 1-based epochs; keep those finished before the checkpoint.
                 self.log.load_existing(self.epoch)
         D.barrier()
-
-    # ------------------------------------------------------------------ the run folder
-    def _open_run_folder(self) -> None:
-        """Pick the run folder and vet it before any work: every file the trainer will write there must be
-        new or written by dfineseg before (`OutputFolder`'s ledger), and the run's inputs (dataset files,
-        start weights, a resume file not named last.pt) are never written."""
-        tcfg = self.tcfg
-        if self.resume_ckpt is not None:
-            self.run_dir = Path(tcfg.resume).resolve().parent
-        else:
-            # Rank 0 picks the folder (runs/exp2 ...) so every rank names the same one.
-            self.run_dir = Path(D.broadcast_object(str(increment_run_dir(tcfg.project, tcfg.name, tcfg.exist_ok).resolve())))
-        if self.resume_ckpt is not None and self.is_main:
-            self._adopt_legacy_run_folder()
-        D.barrier()
-        protect: list[str | Path] = [self.cfg.data.path]
-        for index in (self.train_index, self.val_index):
-            folders = {Path(rec.file).parent for rec in index.images}
-            if index.format == "yolo":
-                from dfineseg.data.yolo import label_path_for
-
-                folders |= {label_path_for(Path(rec.file)).parent for rec in index.images}
-            protect += sorted(folders)
-        for start in (self.cfg.model.weights, self.cfg.model.backbone_weights):
-            if start:
-                protect.append(start)
-        if tcfg.resume and Path(tcfg.resume).name != "last.pt":
-            protect.append(tcfg.resume)
-        try:
-            self.outputs = OutputFolder(self.run_dir, command="train", protect=protect)
-        except OutputConflictError as exc:
-            raise OutputConflictError(f"{exc} (train: the run folder is project/name, here {self.run_dir})") from None
-        names = ["config.yaml", "results.csv", "results.png", "last.pt", "best.pt", "val"]
-        if tcfg.tensorboard:
-            names.append("tensorboard")
-        names += [prediction_image_name(rec) for rec in self.val_index.images[: tcfg.plot_images]]
-        for name in names:
-            self._check_output(name)
-        if self.is_main:
-            removed = remove_stale_temp_files(self.run_dir)
-            if removed:
-                print(f"removed {len(removed)} temp file(s) left in {self.run_dir} by an interrupted save: "
-                      + ", ".join(p.name for p in removed), file=sys.stderr)
-        # Checkpoints of this run (name -> step): on divergence the message names what is kept.
-        self.saved_checkpoints: dict[str, int] = {}
-        if self.resume_ckpt is not None:
-            self.saved_checkpoints = {n: int(self.resume_ckpt["step"]) for n in ("last.pt", "best.pt")
-                                      if (self.run_dir / n).is_file()}
-
-    def _adopt_legacy_run_folder(self) -> None:
-        """A run folder written before output ledgers existed holds a dfineseg checkpoint (the resume file
-        just loaded) but no ledger: record the trainer's own files as dfineseg's so the resumed run may
-        update them. Folders with a ledger are left to it."""
-        if (self.run_dir / LEDGER).exists():
-            return
-        own = ["config.yaml", "results.csv", "results.png", "last.pt", "best.pt", "val", "tensorboard"]
-        own += sorted(p.name for p in self.run_dir.glob("val_pred_*.jpg"))
-        present = [n for n in own if (self.run_dir / n).exists()]
-        if present:
-            with open(self.run_dir / LEDGER, "a", encoding="utf-8") as ledger:
-                ledger.write("".join(n + "\n" for n in present))
-
-    def _conflict(self, exc: OutputConflictError, rel: str) -> OutputConflictError:
-        path = self.run_dir / rel
-        if (path.exists() or path.is_symlink()) and not self.outputs.owns(rel):
-            return OutputConflictError(
-                f"train: {path} already exists and was not written by dfineseg, so it is left untouched; train "
-                "into another folder (name=NEW or project=DIR; without exist_ok=true a new folder name2, name3 ... "
-                "is picked) or move that file away"
-            )
-        return OutputConflictError(
-            f"train: {path} is one of this run's inputs (dataset files, model.weights or the resume file) and is "
-            "never written; choose a run folder outside them with project= / name="
-        )
-
-    def _check_output(self, rel: str) -> Path:
-        try:
-            return self.outputs.check(rel)
-        except OutputConflictError as exc:
-            raise self._conflict(exc, rel) from None
-
-    def _claim(self, rel: str) -> Path:
-        try:
-            return self.outputs.claim(rel)
-        except OutputConflictError as exc:
-            raise self._conflict(exc, rel) from None
-
-    def _multiscale_sizer(self):
-        """Per-batch input size for multi-scale training (data.augment.multiscale), None when it is off."""
-        from dfineseg.data.dataset import MultiScaleBatchSampler
-
-        ms = self.cfg.data.augment.multiscale
-        if ms.p <= 0:
-            return None
-        # The dataset module's size rule (sizes from (seed, epoch, batch number)), applied to our batches.
-        rule = MultiScaleBatchSampler([], self.tcfg.batch, self.cfg.data.imgsz, p=ms.p, min_frac=ms.min_frac,
-                                      max_frac=ms.max_frac, seed=self.tcfg.seed, off_epoch=ms.off_epoch)
-
-        def size_for(epoch: int, batch_no: int) -> tuple[int, int]:
-            rule.epoch = epoch
-            return rule._size(batch_no)
-
-        return size_for
 
     def _load_start_weights(self, model: nn.Module, path: str) -> None:
         """Starting weights by config: an official D-FINE .pth, an HGNetv2 ImageNet backbone, or a dfineseg
@@ -499,7 +274,7 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.best_fitness = ckpt.get("best_fitness")
         self.best_epoch = int(ckpt.get("best_epoch", -1))
-        self.nonfinite_total = int(ckpt.get("nonfinite_steps", 0))
+        self.divergence.total = int(ckpt.get("nonfinite_steps", 0))
         self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
         self.epoch_times = list(ckpt.get("epoch_times", []))
         self.total_epochs = int(ckpt.get("total_epochs", self.total_epochs))
@@ -535,7 +310,7 @@ class Trainer:
             "metrics": self.last_metrics,
             "best_fitness": self.best_fitness,
             "best_epoch": self.best_epoch,
-            "nonfinite_steps": self.nonfinite_total,
+            "nonfinite_steps": self.divergence.total,
             "elapsed_s": self._elapsed(),
             "epoch_times": self.epoch_times,
         }
@@ -554,7 +329,7 @@ class Trainer:
                 f"the weights became non-finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) and were "
                 "not saved"
             ))
-        save_checkpoint(ckpt, self._claim(name))
+        save_checkpoint(ckpt, self.folder.claim(name))
         self.saved_checkpoints[name] = self.step
 
     def _elapsed(self) -> float:
@@ -652,27 +427,6 @@ class Trainer:
                 stop = self._end_epoch(metrics) or stop
         self._finish()
 
-    def _micro_batches(self):
-        """(images, targets) of this epoch from batch `epoch_batch` on."""
-        from dfineseg.data.dataset import collate_fn, worker_options
-
-        self.sampler.set_epoch(self.epoch, self.epoch_batch)
-        # Before the workers start (they copy the dataset), so augmentation switch-off epochs apply.
-        self.train_set.set_epoch(self.epoch, self.total_epochs)
-        # The loader's own generator (seeded per epoch) feeds worker seeds, so it never draws from the
-        # global RNG and the data order / augmentation seeds depend only on (seed, epoch).
-        gen = torch.Generator().manual_seed(self.tcfg.seed * 1000003 + self.epoch)
-        loader = torch.utils.data.DataLoader(
-            self.train_set,
-            batch_sampler=self.sampler,
-            collate_fn=collate_fn,
-            pin_memory=self.device.type == "cuda",
-            generator=gen,
-            # Workers start from a fork server, never by a fork of this process (OpenCV deadlock).
-            **worker_options(self.cfg.data.workers),
-        )
-        return loader
-
     def _forward_loss(self, images: torch.Tensor, targets: list[dict[str, Any]]):
         ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.use_amp else contextlib.nullcontext()
         with ctx:
@@ -689,7 +443,9 @@ class Trainer:
 
         tcfg = self.tcfg
         self.ddp_model.train()
-        loader = self._micro_batches()
+        loader = epoch_loader(self.train_set, self.sampler, epoch=self.epoch, epoch_batch=self.epoch_batch,
+                              total_epochs=self.total_epochs, seed=tcfg.seed, device=self.device,
+                              workers=self.cfg.data.workers)
         n_batches = self.sampler.batches_per_epoch()
         sums: dict[str, float] = {}
         count = 0
@@ -704,7 +460,7 @@ class Trainer:
         micro = 0
         stop = False
         self.optimizer.zero_grad(set_to_none=True)
-        for images, targets in self._batches(loader):
+        for images, targets in batches(loader):
             images = images.to(self.device, non_blocking=True)
             targets = targets_to(targets, self.device)
             micro += 1
@@ -717,7 +473,7 @@ class Trainer:
                     self.scaler.scale(total / accum).backward()
             self.epoch_batch += 1
             if not finite:
-                self._nonfinite("loss")
+                self.divergence.skipped("loss", self.step, self.epoch)
                 self.optimizer.zero_grad(set_to_none=True)
                 micro = 0
             else:
@@ -748,73 +504,11 @@ class Trainer:
         self.epoch_losses = D.reduce_mean_dict(means)
         return D.broadcast_object(stop)
 
-    @staticmethod
-    def _batches(loader):
-        """Iterate the loader; a worker process that died becomes one message saying what to do."""
-        it = iter(loader)
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            except RuntimeError as exc:
-                text = str(exc)
-                if "DataLoader worker" not in text or "exited unexpectedly" not in text:
-                    raise
-                raise UserError(
-                    f"a data-loader worker process died ({text.splitlines()[0]}). If the output above says a "
-                    "worker imported your script, put the call to dfineseg.api.train() under "
-                    "`if __name__ == \"__main__\":`; if it was killed for memory, lower data.workers or train.batch; "
-                    "data.workers=0 loads the data in the main process"
-                ) from exc
-            yield batch
-
-    def _nonfinite(self, what: str) -> None:
-        """A skipped step (non-finite loss or gradient). Stops the run when skips are no longer rare: in a
-        row (train.max_nonfinite), most steps so far, or half of the recent ones. A run that skips most
-        steps is not training, and the few steps that do pass push the weights further out."""
-        self.nonfinite_total += 1
-        self.nonfinite_run += 1
-        self.nonfinite_recent.append(True)
-        if self.is_main:
-            print(f"warning: non-finite {what} at step {self.step} (epoch {self.epoch + 1}); step skipped "
-                  f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)", file=sys.stderr)
-        attempts = self.step + self.nonfinite_total
-        recent = sum(self.nonfinite_recent)
-        reason = ""
-        if self.nonfinite_run >= self.tcfg.max_nonfinite:
-            reason = f"{self.nonfinite_run} consecutive non-finite losses or gradients"
-        elif self.nonfinite_total >= 2 and self.nonfinite_total > self.step:
-            reason = f"{self.nonfinite_total} of the {attempts} steps so far had non-finite losses or gradients"
-        elif recent >= NONFINITE_WINDOW * NONFINITE_WINDOW_SHARE:
-            reason = (f"{recent} of the last {len(self.nonfinite_recent)} steps had non-finite losses or "
-                      "gradients")
-        if reason:
-            raise TrainingDiverged(self._diverged_message(reason))
-
     def _diverged_message(self, reason: str) -> str:
-        size = self.cfg.model.size
-        lr = resolve_optim_settings(self.tcfg, size).lr
-        default = resolve_optim_settings(self.tcfg.model_copy(update={"lr": None}), size).lr
-        if self.tcfg.lr is None:
-            advice = f"train.lr={lr:g} (the default for size={size}); lower it (e.g. lr={lr / 10:g})"
-        else:
-            advice = f"train.lr={lr:g}; lower it (size={size} defaults to {default:g}; try lr={min(lr / 10, default):g})"
-        # At an epoch boundary the counter has already moved on to the next epoch.
-        epoch = self.epoch if self.epoch_batch == 0 and self.epoch > 0 else self.epoch + 1
-        if self.saved_checkpoints:
-            kept = ", ".join(str(self.run_dir / n) for n in sorted(self.saved_checkpoints, key=lambda n: n != "last.pt"))
-            at = max(self.saved_checkpoints.values())
-            kept = f"The last checkpoints with finite weights are kept: {kept} (up to step {at})."
-        else:
-            kept = ("No checkpoint was written: the run diverged before its first save, so there is nothing to "
-                    "resume from.")
-        return (
-            f"training diverged at step {self.step} (epoch {epoch}): {reason}. The learning rate is most "
-            f"likely too high: {advice} and train again. Keep "
-            "gradient clipping on (train.clip_grad) and check the dataset for degenerate boxes (dfineseg data "
-            f"check) if a lower lr does not help. {kept}"
-        )
+        """`reason` with this run's step, lr advice and kept checkpoints (`divergence.diverged_message`)."""
+        return diverged_message(reason, tcfg=self.tcfg, size=self.cfg.model.size, step=self.step, epoch=self.epoch,
+                                epoch_batch=self.epoch_batch, run_dir=self.run_dir,
+                                saved_checkpoints=self.saved_checkpoints)
 
     def _optimizer_step(self) -> None:
         tcfg = self.tcfg
@@ -827,15 +521,14 @@ class Trainer:
         if not self.scaler.is_enabled() and not torch.isfinite(norm):
             # fp32: a non-finite gradient would poison the weights and the EMA; fp16's scaler skips on its own.
             self.optimizer.zero_grad(set_to_none=True)
-            self._nonfinite("gradient")
+            self.divergence.skipped("gradient", self.step, self.epoch)
             return
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         self.step += 1
-        self.nonfinite_run = 0
-        self.nonfinite_recent.append(False)
+        self.divergence.finite_step()
         if self.ema is not None:
             self.ema.update(self.model)
 
@@ -901,8 +594,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 row[f"lr/{group.get('name', 'group')}"] = group["lr"]
             row.update({f"val/{k}": v for k, v in metrics.items()})
-            if self.nonfinite_total:
-                row["nonfinite_steps"] = self.nonfinite_total
+            if self.divergence.total:
+                row["nonfinite_steps"] = self.divergence.total
             self.log.add(row)
             # The plot is redrawn at most every 2 minutes (and at the end): on a small CPU it costs seconds.
             if time.perf_counter() - self._last_plot > 120:
@@ -954,7 +647,7 @@ class Trainer:
                                   device=self.device, topk=self.cfg.eval.max_det, nms_iou=self.cfg.eval.nms_iou)
         with torch.no_grad():
             preds = predict_index(self.val_index, predict, batch=self.cfg.eval.batch)
-        raw = self._evaluate(preds, self._claim("val"))
+        raw = self._evaluate(preds, self.folder.claim("val"))
         self.final_metrics = headline_metrics(raw)
         from dfineseg.val import print_summary
 
