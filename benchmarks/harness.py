@@ -85,10 +85,10 @@ class BenchInputs:
         return [rec.image_id for rec in self.index.images]
 
 
-def load_bench_inputs(data_path: str, split: str, limit: int | None) -> BenchInputs:
+def load_bench_inputs(data_path: str, split: str, limit: int | None, allow_outside_root: bool = False) -> BenchInputs:
     from dfineseg.data import load_index, read_image
 
-    index = load_index(data_path, split)
+    index = load_index(data_path, split, allow_outside_root=allow_outside_root)
     if limit is not None:
         index.images = index.images[:limit]
     if not index.images:
@@ -189,7 +189,7 @@ def run_bench(cfg: Any) -> list[dict[str, Any]]:
     folder.check_all([*REPORTS, *(_log_name(name) for name in [*cfg.bench.formats, *_peer_names(cfg.bench.peers)])])
     out_dir = folder
     export_dir = Path(cfg.export.out) if cfg.export.out else weights.parent
-    inputs = load_bench_inputs(cfg.data.path, cfg.eval.split, cfg.bench.images)
+    inputs = load_bench_inputs(cfg.data.path, cfg.eval.split, cfg.bench.images, cfg.data.allow_outside_root)
     machine = machine_info(cfg.bench.threads)
     params_m = count_params(weights)
     rows: list[dict[str, Any]] = []

@@ -56,18 +56,19 @@ def _run_data(ns: argparse.Namespace) -> int:
     if ns.action == "check":
         from dfineseg.overrides import parse_overrides
 
-        opts = parse_overrides(ns.rest, aliases={"path": "data"})
-        unknown = set(opts) - {"data", "splits"}
+        opts = parse_overrides(ns.rest, aliases={"path": "data", "data.allow_outside_root": "allow_outside_root"})
+        unknown = set(opts) - {"data", "splits", "allow_outside_root"}
         if unknown or "data" not in opts:
             raise UserError(
-                "usage: dfineseg data check data=PATH [splits=[train,val]]"
+                "usage: dfineseg data check data=PATH [splits=[train,val]] [allow_outside_root=true]"
                 + (f" (unknown keys: {', '.join(sorted(unknown))})" if unknown else "")
             )
         checks = _import_stage("dfineseg.data.checks", "data check")
         splits = opts.get("splits")
         if isinstance(splits, str):
             splits = [s for s in splits.split(",") if s]
-        report = checks.run_check(str(opts["data"]), splits=splits)
+        report = checks.run_check(str(opts["data"]), splits=splits,
+                                  allow_outside_root=str(opts.get("allow_outside_root", False)).lower() in ("true", "1", "yes"))
         return 1 if getattr(report, "fatal", False) else 0
     parser = argparse.ArgumentParser(prog="dfineseg data synth", description="write the generated demo dataset")
     parser.add_argument("out", help="output folder (created)")

@@ -135,6 +135,9 @@ class DataConfig(Section):
     val_split: str = "val"
     workers: int = Field(2, ge=0)
     cache_dir: str | None = Field(None, description="index cache; never inside the dataset (default ~/.cache/dfineseg)")
+    allow_outside_root: bool = Field(
+        False, description="COCO: follow a file_name that leaves the image folder (../x.jpg, /abs/x.jpg); "
+        "off: such images are reported and skipped")
     augment: AugmentConfig = AugmentConfig()
 
     _imgsz = field_validator("imgsz", mode="before")(lambda cls, v: _imgsz(v))

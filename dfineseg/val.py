@@ -160,7 +160,7 @@ def run_val(
     if data is None:
         raise UserError("dfineseg val needs data=PATH (a data.yaml, a COCO json or folder)")
     task = task or cfg.model.task
-    index = load_index(Path(data).expanduser().resolve(), split)
+    index = load_index(Path(data).expanduser().resolve(), split, allow_outside_root=cfg.data.allow_outside_root)
     names = info.get("names")
     if names is not None and len(names) != len(index.names):
         raise UserError(

@@ -136,7 +136,7 @@ def load_data(cfg: Any, info: dict[str, Any], plan: ExportPlan, say: Say) -> tup
         from dfineseg.data import load_index, read_image
         from dfineseg.evaluate import ground_truth_from_record
 
-        index = load_index(path, cfg.eval.split)
+        index = load_index(path, cfg.eval.split, allow_outside_root=cfg.data.allow_outside_root)
         if not index.images:
             raise ExportError(f"{path}: split '{cfg.eval.split}' has no images to check parity on (set eval.split=...)")
         images = [read_image(r.file) for r in index.images]
@@ -144,7 +144,7 @@ def load_data(cfg: Any, info: dict[str, Any], plan: ExportPlan, say: Say) -> tup
         calib: list[np.ndarray] = []
         if plan.int8:
             try:
-                train = load_index(path, cfg.data.train_split)
+                train = load_index(path, cfg.data.train_split, allow_outside_root=cfg.data.allow_outside_root)
                 calib = [read_image(r.file) for r in _spread(list(train.images), calib_n)]
             except Exception as exc:  # noqa: BLE001 - a dataset without a train split calibrates on val
                 say(f"INT8 calibration: no usable '{cfg.data.train_split}' split ({exc}); calibrating on '{cfg.eval.split}'")

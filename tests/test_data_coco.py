@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -208,3 +210,14 @@ def test_file_name_outside_the_image_folder_is_refused_unless_allowed(tmp_path):
     opted_in = load_coco_index(tmp_path / "ds", "val", allow_outside_root=True)
     assert sorted(r.image_id for r in opted_in.images) == [7, 8, 9, 42]
     assert {r.file.resolve() for r in opted_in.images if r.image_id in (7, 42)} == {outside.resolve()}
+    # The opt-in is the config key data.allow_outside_root, which every dataset load passes on.
+    from dfineseg.config import build_config
+
+    cfg = build_config({"data": {"path": str(tmp_path / "ds"), "allow_outside_root": True}})
+    assert len(load_index(cfg.data.path, "val", allow_outside_root=cfg.data.allow_outside_root).images) == 4
+    assert len(load_index(cfg.data.path, "val").images) == 2
+    cli = [sys.executable, "-m", "dfineseg.cli", "data", "check", f"data={tmp_path / 'ds'}", "splits=val"]
+    refused_run = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert "points outside the image folder" in refused_run.stdout and "data.allow_outside_root" in refused_run.stdout
+    allowed_run = subprocess.run(cli + ["allow_outside_root=true"], capture_output=True, text=True, timeout=120)
+    assert allowed_run.returncode == 0 and "points outside the image folder" not in allowed_run.stdout, allowed_run

@@ -60,7 +60,8 @@ def _split_report(index: DatasetIndex) -> SplitReport:
 
 
 def run_check(
-    data_path: str, splits: list[str] | None = None, stream: TextIO | None = None, decode: bool = True
+    data_path: str, splits: list[str] | None = None, stream: TextIO | None = None, decode: bool = True,
+    allow_outside_root: bool = False,
 ) -> CheckReport:
     """Check every split (or the given ones), decoding each image fully; print the report to `stream`
     (default: the current sys.stdout; pass `io.StringIO()` to keep it quiet)."""
@@ -80,7 +81,7 @@ def run_check(
         return report
     for split in wanted:
         try:
-            index = load_index(data_path, split, decode=decode)
+            index = load_index(data_path, split, decode=decode, allow_outside_root=allow_outside_root)
         except DatasetError as exc:
             report.fatal = str(exc)
             print(f"error ({split}): {exc}", file=out)

@@ -285,7 +285,7 @@ def load_coco_index(
             problems.append(Problem(
                 src, None, f"image id {image_id}: file_name {name!r} points outside the image folder {root}",
                 "image skipped; move the image under that folder and give a relative file_name, or load with "
-                "allow_outside_root=True if the json is trusted",
+                "data.allow_outside_root=true if the json is trusted",
                 ERROR,
             ))
             continue

@@ -40,12 +40,15 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
     )
 
 
-def load_index(path: str | Path, split: str, decode: bool = False) -> DatasetIndex:
-    """Parse one split of the dataset `path` points at; per-image problems are in `.problems`."""
+def load_index(path: str | Path, split: str, decode: bool = False, allow_outside_root: bool = False) -> DatasetIndex:
+    """Parse one split of the dataset `path` points at; per-image problems are in `.problems`.
+
+    `allow_outside_root` (config `data.allow_outside_root`): COCO `file_name`s may leave the image folder.
+    A YOLO dataset names its images by folder or list, which the user wrote, so it has no such trap."""
     fmt, p = detect_format(path)
     if fmt == "yolo":
         return load_yolo_index(p, split, decode=decode)
-    return load_coco_index(p, split, decode=decode)
+    return load_coco_index(p, split, decode=decode, allow_outside_root=allow_outside_root)
 
 
 def dataset_splits(path: str | Path) -> list[str]:

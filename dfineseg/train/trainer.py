@@ -142,8 +142,9 @@ class Trainer:
         seed_everything(tcfg.seed + self.dist.rank, tcfg.deterministic)
         # Absolute, so the run's config.yaml and checkpoints (and a resume from another folder) find it.
         cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
-        self.train_index = load_index(cfg.data.path, cfg.data.train_split)
-        self.val_index = load_index(cfg.data.path, cfg.data.val_split)
+        outside = cfg.data.allow_outside_root
+        self.train_index = load_index(cfg.data.path, cfg.data.train_split, allow_outside_root=outside)
+        self.val_index = load_index(cfg.data.path, cfg.data.val_split, allow_outside_root=outside)
         if self.dist.is_main:  # the same checks as `dfineseg data check`, summarised once per run
             for index in (self.train_index, self.val_index):
                 print(index.summary(), file=sys.stderr)
