@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dfineseg.utils.outputs import OutputFolder
+
 DEFAULTS = {"formats": "onnx,openvino", "half": "true", "int8": "true"}
 
 
@@ -76,6 +78,15 @@ def markdown(summary: dict[str, Any], header: dict[str, Any]) -> str:
             f"{_fmt(r['min_mask_iou'], '.4f')} | {_fmt(r['torch_f1'], '.4f')} | {_fmt(r['export_f1'], '.4f')} | "
             f"{_fmt(r['f1_change'], '+.4f')} |"
         )
+    # What did not pass is said too: a report listing only the artefacts that were made would read as a pass.
+    results = summary.get("results") or {}
+    unhappy = {k: r for k, r in results.items() if r.get("status") not in ("passed", "not-checked")}
+    if summary.get("status") or unhappy:
+        lines += ["", f"Export status: {summary.get('status', 'unknown')}"
+                  + (f" ({summary['error']})" if summary.get("error") else "")]
+        lines += [f"- {k}: {r['status']}" + (f" ({r.get('error') or r.get('reason')})" if r.get("error") or r.get("reason")
+                                             else "") + (f" -> {r['path']}" if r.get("path") else "")
+                  for k, r in unhappy.items()]
     notes = [r["int8_note"] for r in rows(summary) if r.get("int8_note")]
     if notes:
         lines += ["", *[f"INT8: {n}" for n in notes]]
@@ -110,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
               "command": " ".join(sys.argv), "wall_s": round(time.perf_counter() - t0, 1)}
     text = markdown(summary, header)
     print(text)
-    (summary_path.parent / "export_report.md").write_text(text, encoding="utf-8")
-    (summary_path.parent / "export_report.json").write_text(
-        json.dumps({"header": header, "rows": rows(summary)}, indent=2), encoding="utf-8"
-    )
+    # Next to the summary, through its folder's ledger: never over a file dfineseg did not write there.
+    folder = OutputFolder(summary_path.parent, command="export_report", protect=[summary_path])
+    folder.write_text("export_report.md", text)
+    folder.write_text("export_report.json", json.dumps({"header": header, "rows": rows(summary)}, indent=2))
     return 0
 
 

@@ -377,3 +377,27 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_name(trained_run, tmp_path)
     data, _ = load_data(cfg, info, plan, lambda _m: None)
     with pytest.raises(ParityError, match="PyTorch reference outputs are not finite"):
         torch_reference(DeployModel(model, topk=plan.topk).eval(), None, data, ("scores", "labels", "boxes", "mask_logits"))
+
+
+def test_export_report_never_overwrites_a_users_file_next_to_the_summary(tmp_path):
+    from dfineseg.benchmarks.export_report import main as export_report
+    from dfineseg.utils.outputs import OutputConflictError
+
+    summary = tmp_path / "export_summary.json"
+    summary.write_text(json.dumps({
+        "status": "failed", "error": "ParityError: outputs", "weights": "best.pt", "imgsz": [64, 64], "batch": 1,
+        "dynamic_batch": True, "topk": 10, "artefacts": {},
+        "results": {"onnx": {"status": "failed", "path": "model.failed.onnx"}, "openvino": {"status": "not-run"}},
+    }), encoding="utf-8")
+    assert export_report(["--summary", str(summary)]) == 0  # a new report: written, and owned by dfineseg
+    report = (tmp_path / "export_report.md").read_text(encoding="utf-8")
+    # the report says what failed, not only what was made
+    assert "Export status: failed" in report and "- onnx: failed" in report and "- openvino: not-run" in report
+    assert export_report(["--summary", str(summary)]) == 0  # its own earlier report: replaced
+    mine = tmp_path / "other"
+    mine.mkdir()
+    (mine / "export_summary.json").write_text(summary.read_text(), encoding="utf-8")
+    (mine / "export_report.md").write_text("my notes", encoding="utf-8")
+    with pytest.raises(OutputConflictError, match="export_report.md"):
+        export_report(["--summary", str(mine / "export_summary.json")])
+    assert (mine / "export_report.md").read_text(encoding="utf-8") == "my notes"
