@@ -10,7 +10,9 @@ Checks, each reported with its measured value and its limit (a failure names the
   candidates differently or swapped a few at its selection boundary (FP16 does that): queries are
   then paired one-to-one, and the K best PyTorch queries with a score >= `judged_score` (RELEVANT_SCORE;
   for FP16 also half the evaluation threshold) must agree, up to SWAP_FRACTION of the queries per image
-  left unpaired (counted in the report).
+  left unpaired (counted in the report). A swap nudges the other queries of its image through the
+  decoder's self-attention, so on up to SWAP_IMAGE_FRACTION of the images those are reported instead of
+  judged (`SwapLedger`); this happens in FP32 too, when two candidates tie within ~1e-6.
 - ``outputs``: the artefact's own top-K against PyTorch's: scores sorted (order-free, so near-equal
   scores may swap), then boxes and mask logits (relative to their magnitude) of entries paired one to
   one by score and box; max abs difference.
@@ -61,6 +63,9 @@ BOX_IOU_MIN = 0.99
 MASK_IOU_MIN = 0.95
 RELEVANT_SCORE = 0.01
 SWAP_FRACTION = 0.05  # queries per image that may swap at the encoder's top-K boundary (FP16/INT8)
+# Images whose encoder selection swapped candidates: their other queries are reported, not judged, on at most
+# this share of the images (rounded down). See `SwapLedger`.
+SWAP_IMAGE_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -313,12 +318,56 @@ def swap_allowance(queries: int) -> int:
     return max(1, int(np.ceil(SWAP_FRACTION * queries)))
 
 
+class SwapLedger:
+    """Per-image bookkeeping of the arithmetic checks for selection swaps at the encoder's top-K.
+
+    The encoder picks its K queries from hundreds of candidates; two candidates within ~1e-6 of each other
+    come out in either order in any two runtimes, FP32 included. A swapped candidate is a different query,
+    and through the decoder's self-attention it moves every other query of that image a little (measured:
+    one image of 8 on the 100-step fixture, FP32 ONNX: 2 queries swapped, the others moved by up to 0.0087
+    against ~1e-6 on the other seven images). So on an image with a swap (up to `swap_allowance` queries
+    over the limit) the remaining queries are reported, not judged; on at most SWAP_IMAGE_FRACTION of the
+    images. A broken artefact moves every image, so past that share every image is judged as usual. The
+    decision checks (detections, F1) judge every image regardless.
+    """
+
+    def __init__(self, images: int, allowance: int, limit: float) -> None:
+        self.allowance = allowance
+        self.limit = limit
+        self.max_swap_images = int(SWAP_IMAGE_FRACTION * images)  # none with fewer than 4 images
+        self.swaps = 0
+        self.kept: list[float] = []  # per image: the largest difference after the swapped queries
+        self.swapped: list[bool] = []
+
+    def add(self, diffs: np.ndarray) -> None:
+        """The judged queries' differences of one image."""
+        relevant = np.sort(diffs)[::-1]
+        n_swaps = min(self.allowance, int((relevant > self.limit).sum()))
+        self.swaps += n_swaps
+        self.swapped.append(n_swaps > 0)
+        self.kept.append(float(relevant[n_swaps]) if len(relevant) > n_swaps else 0.0)
+
+    def judged_images(self) -> list[bool]:
+        """Which images the checks judge: all but the swap images, unless there are too many of those."""
+        if sum(self.swapped) > self.max_swap_images:
+            return [True] * len(self.swapped)
+        return [not s for s in self.swapped]
+
+    def summary(self) -> tuple[float, dict[str, Any]]:
+        judged = self.judged_images()
+        kept = max([k for k, j in zip(self.kept, judged) if j], default=0.0)
+        reported = max([k for k, j in zip(self.kept, judged) if not j], default=0.0)
+        return kept, {"images_with_selection_swaps": int(sum(self.swapped)),
+                      "max_images_with_selection_swaps": self.max_swap_images,
+                      "max_abs_on_swap_images_not_judged": reported}
+
+
 def _matched_raw_diff(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], topk: int, allowance: int, limit: float,
                       min_score: float = RELEVANT_SCORE) -> dict[str, Any]:
     from scipy.optimize import linear_sum_assignment
 
-    worst_all = worst_kept = 0.0
-    swaps = 0
+    worst_all = 0.0
+    ledger = SwapLedger(ref["logits"].shape[0], allowance, limit)
     for b in range(ref["logits"].shape[0]):
         pa = _sigmoid(ref["logits"][b])
         a = np.concatenate([pa, ref["boxes_cxcywh"][b]], -1)
@@ -330,12 +379,10 @@ def _matched_raw_diff(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], to
         score = pa.max(-1)
         best = np.argsort(-score, kind="stable")[:topk]
         best = best[score[best] >= min_score]
-        relevant = np.sort(pair_cost[np.isin(rows, best)])[::-1]
-        n_swaps = min(allowance, int((relevant > limit).sum()))
-        swaps += n_swaps
-        if len(relevant) > n_swaps:
-            worst_kept = max(worst_kept, float(relevant[n_swaps]))
-    return {"matched_max_abs_all_queries": worst_all, "matched_max_abs_after_swaps": worst_kept, "swapped_queries": swaps}
+        ledger.add(pair_cost[np.isin(rows, best)])
+    worst_kept, swap_detail = ledger.summary()
+    return {"matched_max_abs_all_queries": worst_all, "matched_max_abs_after_swaps": worst_kept,
+            "swapped_queries": ledger.swaps, **swap_detail}
 
 
 def check_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: Tolerance,
@@ -350,13 +397,15 @@ def check_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: T
             return Check("outputs", None, tol.raw, False, True, {f"{name}_shape": [list(ref[name].shape), list(got[name].shape)]})
     if got["labels"].dtype != np.int64:
         return Check("outputs", None, tol.raw, False, True, {"labels_dtype": str(got["labels"].dtype)})
-    score_diff = float(np.abs(np.sort(ref["scores"], axis=1) - np.sort(got["scores"], axis=1)).max())
+    # per image: a swap at the encoder's selection changes which scores are in the top-K (see SwapLedger)
+    score_diffs = np.abs(np.sort(ref["scores"], axis=1) - np.sort(got["scores"], axis=1)).max(axis=1)
     limit = tol.raw if tol.raw is not None else np.inf
     k = ref["scores"].shape[1]
     allowance = swap_allowance(k)
-    box_diff = mask_diff = kept_diff = unjudged_diff = 0.0
-    label_mismatch = swaps = 0
+    box_diff = mask_diff = unjudged_diff = 0.0
+    label_mismatch = 0
     min_score = judged_score(tol, conf)
+    ledger = SwapLedger(ref["scores"].shape[0], allowance, limit)
     for b in range(ref["scores"].shape[0]):
         rows, cols = _pair_topk(ref, got, b)
         entry = np.abs(ref["boxes"][b, rows].astype(np.float64) - got["boxes"][b, cols]).max(-1)
@@ -373,18 +422,19 @@ def check_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: T
         judged = ref["scores"][b, rows] >= min_score
         if (~judged).any():
             unjudged_diff = max(unjudged_diff, float(entry[~judged].max()))
-        relevant = np.sort(entry[judged])[::-1]
-        n_swaps = min(allowance, int((relevant > limit).sum()))
-        swaps += n_swaps
-        if len(relevant) > n_swaps:
-            kept_diff = max(kept_diff, float(relevant[n_swaps]))
+        ledger.add(entry[judged])
+    kept_diff, swap_detail = ledger.summary()
+    judged_images = np.array(ledger.judged_images())
+    score_diff = float(score_diffs[judged_images].max()) if judged_images.any() else 0.0
     value = max(score_diff, kept_diff)
     detail = {
         "max_abs_sorted_scores": score_diff,
+        "max_abs_sorted_scores_all_images": float(score_diffs.max()),
         "max_abs_boxes_paired": box_diff,
         "max_abs_mask_logits_paired": mask_diff,
         "max_abs_paired_after_swaps": kept_diff,
-        "swapped_entries": swaps,
+        "swapped_entries": ledger.swaps,
+        **swap_detail,
         "swap_allowance_per_image": allowance,
         "label_mismatches": label_mismatch,
         "judged_min_score": min_score,

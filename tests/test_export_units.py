@@ -363,3 +363,29 @@ def test_fp16_outputs_check_judges_queries_that_can_become_detections():
     # FP32 judges the background queries too (its arithmetic has no excuse).
     strict = check_outputs(ref, moved((2, 3), 0.05), TOLERANCES["fp32"], conf=0.5)
     assert not strict.passed
+
+
+def test_a_selection_swap_on_one_image_is_reported_but_on_most_images_fails():
+    """A near-tie at the encoder's top-K swaps a query and nudges the others of that image (self-attention):
+    on one image in eight that is reported, not judged; the same difference on every image is a broken
+    artefact and fails."""
+    from dfineseg.export.parity import TOLERANCES, check_outputs
+
+    rng = np.random.default_rng(0)
+    n, k = 8, 10
+    xy = rng.uniform(0.0, 0.5, (n, k, 2)).astype(np.float32)
+    ref = {"scores": np.sort(rng.uniform(0.3, 0.95, (n, k)).astype(np.float32), axis=1)[:, ::-1].copy(),
+           "labels": np.zeros((n, k), np.int64), "boxes": np.concatenate([xy, xy + 0.2], -1)}
+
+    def disturbed(images: list[int]) -> dict[str, np.ndarray]:
+        got = {name: v.copy() for name, v in ref.items()}
+        for b in images:
+            got["boxes"][b, 0] = [0.7, 0.7, 0.9, 0.9]  # the swapped-in candidate: another query entirely
+            got["boxes"][b, 1:] += 0.005  # the knock-on on the image's other queries
+        return got
+
+    one = check_outputs(ref, disturbed([5]), TOLERANCES["fp32"], conf=0.5)
+    assert one.passed and one.detail["images_with_selection_swaps"] == 1, one
+    assert one.detail["max_abs_on_swap_images_not_judged"] == pytest.approx(0.005, abs=1e-6)
+    every = check_outputs(ref, disturbed(list(range(n))), TOLERANCES["fp32"], conf=0.5)
+    assert not every.passed and every.value == pytest.approx(0.005, abs=1e-6), every
