@@ -35,6 +35,23 @@ import pytest  # noqa: E402
 from trained_fixture import trained_run  # noqa: E402,F401
 
 
+@pytest.fixture
+def one_thread():
+    """Train on one thread (see trained_fixture.training_threads: two per process oversubscribe 2 cores)."""
+    from trained_fixture import single_thread
+
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A 4 + 2 image generated dataset for the training tests (64 px runs of the tiny model)."""
+    from dfineseg.data.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("small"), n_train=4, n_val=2, seed=3)
+
+
 @pytest.fixture(scope="session")
 def standin_files(tmp_path_factory):
     """The hand-built stand-in model exported once per session (ONNX, detect, batch 2, OpenVINO)."""

@@ -11,20 +11,7 @@ from dfineseg.config import build_config
 from dfineseg.train.checkpoint import load_checkpoint
 from dfineseg.train.trainer import Trainer, TrainingDiverged, increment_run_dir
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    from trained_fixture import single_thread
-
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    from dfineseg.data.synthetic import write_synthetic_dataset
-
-    return write_synthetic_dataset(tmp_path_factory.mktemp("small"), n_train=4, n_val=2, seed=3)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: training tests run on one thread
 
 
 def _cfg(data_yaml, project, name, **train):
