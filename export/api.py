@@ -43,6 +43,7 @@ from dfineseg.export.parity import (
 from dfineseg.export.publish import (
     ArtefactRecord,
     ExportRun,
+    adopt_legacy_export,
     artefact_size,
     output_names,
     planned_artefacts,
@@ -249,6 +250,10 @@ def export_model(weights: str | Path, cfg: Any, say: Say | None = _print) -> dic
     keys = planned_artefacts(list(dict.fromkeys(e.formats)), e.half, e.int8)
     if not keys:
         raise ExportError("nothing to export: pass format= one or more of onnx, openvino, tensorrt")
+    adopted = adopt_legacy_export(folder)
+    if adopted:
+        say(f"{folder.root}: written by an earlier dfineseg (no output ledger); its export files are adopted: "
+            + ", ".join(adopted))
     folder.check_all(output_names(keys))
     run = ExportRun(keys, folder, say)
     base: dict[str, Any] = {"weights": str(weights), "imgsz": list(e.imgsz) if e.imgsz else None, "batch": e.batch,

@@ -17,7 +17,7 @@ from typing import Any
 
 from dfineseg.export.errors import ParityError
 from dfineseg.export.parity import ParityReport, report_path
-from dfineseg.utils.outputs import OutputFolder
+from dfineseg.utils.outputs import LEDGER, OutputFolder
 
 Say = Callable[[str], None]
 
@@ -74,6 +74,27 @@ def output_names(keys: list[str]) -> list[str]:
     """Every name an export of `keys` may write in the out folder (checked before any work)."""
     names = [n for k in keys for name in (SPECS[k].name, SPECS[k].failed) for n in SPECS[k].files(name)]
     return [*names, SUMMARY_NAME]
+
+
+def adopt_legacy_export(folder: OutputFolder) -> list[str]:
+    """An export folder an older dfineseg wrote (before ledgers): its export_summary.json lists the artefacts
+    it made there. Record those (and the summary) as dfineseg's, so a new export may replace them after its
+    checks; anything the summary does not list stays untouchable. Returns what was adopted."""
+    path = folder.root / SUMMARY_NAME
+    if not path.is_file() or (folder.root / LEDGER).exists():
+        return []
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        listed = summary["artefacts"]
+        if not summary["weights"]:  # every summary dfineseg wrote names the checkpoint it exported
+            return []
+        keys = [k for k, entry in listed.items()
+                if k in SPECS and Path(entry["path"]).name == SPECS[k].name
+                and Path(entry["path"]).resolve().parent == folder.root.resolve()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []  # not a summary dfineseg wrote: nothing is adopted
+    names = [n for k in keys for n in SPECS[k].files(SPECS[k].name)]
+    return folder.adopt_legacy([*names, SUMMARY_NAME])
 
 
 @dataclass

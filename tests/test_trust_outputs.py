@@ -401,3 +401,30 @@ def test_export_report_never_overwrites_a_users_file_next_to_the_summary(tmp_pat
     with pytest.raises(OutputConflictError, match="export_report.md"):
         export_report(["--summary", str(mine / "export_summary.json")])
     assert (mine / "export_report.md").read_text(encoding="utf-8") == "my notes"
+
+
+def test_an_export_folder_an_earlier_dfineseg_wrote_is_adopted_from_its_summary(tmp_path):
+    """Before ledgers: export_summary.json lists what dfineseg made there; those (and only those) may be
+    replaced by a new export after its checks."""
+    from dfineseg.export.api import output_names
+    from dfineseg.export.publish import adopt_legacy_export
+    from dfineseg.utils.outputs import OutputFolder
+
+    (tmp_path / "model.onnx").write_bytes(b"old export")
+    (tmp_path / "model.onnx.parity.json").write_text("{}")
+    (tmp_path / "model_fp16.onnx").write_bytes(b"not listed: the user's")
+    summary = {"weights": "best.pt", "artefacts": {"onnx": {"path": str(tmp_path / "model.onnx")}}}
+    (tmp_path / "export_summary.json").write_text(json.dumps(summary))
+    folder = OutputFolder(tmp_path, command="export")
+    adopted = adopt_legacy_export(folder)
+    assert set(adopted) == {"model.onnx", "model.onnx.parity.json", "export_summary.json"}
+    folder.check_all(output_names(["onnx"]))  # the listed artefact may now be replaced
+    with pytest.raises(OutputConflictError, match="model_fp16.onnx"):
+        folder.check_all(output_names(["onnx", "onnx_fp16"]))
+    # A folder with a ledger, or a json that is not a dfineseg summary, adopts nothing.
+    assert adopt_legacy_export(OutputFolder(tmp_path, command="export")) == []
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.onnx").write_bytes(b"x")
+    (other / "export_summary.json").write_text(json.dumps({"artefacts": {"onnx": {"path": "/elsewhere/model.onnx"}}}))
+    assert adopt_legacy_export(OutputFolder(other, command="export")) == []

@@ -242,6 +242,24 @@ def test_run_folder_with_a_users_file_is_refused_before_training(small_data, tmp
     assert not (run / "config.yaml").exists() and not (run / "last.pt").exists()
 
 
+def test_a_run_folder_an_earlier_dfineseg_wrote_is_adopted_on_an_exist_ok_rerun(small_data, tmp_path):
+    from dfineseg.utils.outputs import LEDGER
+
+    Trainer(_cfg(small_data, tmp_path, "old", exist_ok=True)).fit()
+    run = tmp_path / "old"
+    (run / LEDGER).unlink()  # as a folder written before output ledgers existed
+    (run / "notes.txt").write_text("mine")
+    Trainer(_cfg(small_data, tmp_path, "old", exist_ok=True)).fit()  # e.g. `make demo` again after an upgrade
+    owned = (run / LEDGER).read_text().split()
+    assert {"config.yaml", "results.csv", "last.pt", "best.pt"} <= set(owned) and "notes.txt" not in owned
+    # Without dfineseg's config.yaml there is no evidence: a folder of the user's files stays untouchable.
+    (run / LEDGER).unlink()
+    (run / "config.yaml").write_text("my: settings\n")
+    with pytest.raises(OutputConflictError, match="not written by dfineseg"):
+        Trainer(_cfg(small_data, tmp_path, "old", exist_ok=True)).fit()
+    assert (run / "config.yaml").read_text() == "my: settings\n"
+
+
 def test_rerun_into_its_own_run_folder_works_and_inputs_are_protected(small_data, tmp_path):
     Trainer(_cfg(small_data, tmp_path, "own", exist_ok=True)).fit()
     again = Trainer(_cfg(small_data, tmp_path, "own", exist_ok=True))

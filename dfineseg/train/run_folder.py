@@ -42,18 +42,29 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
     return removed
 
 
-def adopt_legacy_run_folder(run_dir: Path) -> None:
-    """A run folder written before output ledgers existed holds a dfineseg checkpoint (the resume file
-    just loaded) but no ledger: record the trainer's own files as dfineseg's so the resumed run may
-    update them. Folders with a ledger are left to it."""
+def written_by_an_older_dfineseg(run_dir: Path, resuming: bool) -> bool:
+    """A run folder without a ledger that an earlier dfineseg (before ledgers) wrote: the resume checkpoint
+    just loaded lives in it, or its config.yaml is one dfineseg wrote (it opens with `schema_version:`)."""
     if (run_dir / LEDGER).exists():
-        return
+        return False
+    if resuming:
+        return True
+    try:
+        with open(run_dir / "config.yaml", encoding="utf-8") as fh:
+            return fh.readline().startswith("schema_version:")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def adopt_legacy_run_folder(run_dir: Path, resuming: bool, protect: list[str | Path]) -> list[str]:
+    """Record the trainer's own files of a run folder an older dfineseg wrote, so this run may update them
+    (`make demo` again after an upgrade, or a resume). Folders with a ledger, or without that evidence,
+    are left as they are: their files stay untouchable."""
+    if not written_by_an_older_dfineseg(run_dir, resuming):
+        return []
     own = ["config.yaml", "results.csv", "results.png", "last.pt", "best.pt", "val", "tensorboard"]
     own += sorted(p.name for p in run_dir.glob("val_pred_*.jpg"))
-    present = [n for n in own if (run_dir / n).exists()]
-    if present:
-        with open(run_dir / LEDGER, "a", encoding="utf-8") as ledger:
-            ledger.write("".join(n + "\n" for n in present))
+    return OutputFolder(run_dir, command="train", protect=protect).adopt_legacy(own)
 
 
 class RunFolder:
@@ -78,9 +89,6 @@ class RunFolder:
         else:
             # Rank 0 picks the folder (runs/exp2 ...) so every rank names the same one.
             run_dir = Path(D.broadcast_object(str(increment_run_dir(tcfg.project, tcfg.name, tcfg.exist_ok).resolve())))
-        if resuming and is_main:
-            adopt_legacy_run_folder(run_dir)
-        D.barrier()
         protect: list[str | Path] = [cfg.data.path]
         for index in (train_index, val_index):
             folders = {Path(rec.file).parent for rec in index.images}
@@ -94,6 +102,12 @@ class RunFolder:
                 protect.append(start)
         if tcfg.resume and Path(tcfg.resume).name != "last.pt":
             protect.append(tcfg.resume)
+        if is_main and run_dir.is_dir():
+            adopted = adopt_legacy_run_folder(run_dir, resuming, protect)
+            if adopted:
+                print(f"{run_dir}: written by an earlier dfineseg (no output ledger); its own files are adopted: "
+                      + ", ".join(adopted), file=sys.stderr)
+        D.barrier()  # every rank reads the ledger after rank 0 adopted
         folder = cls(run_dir, protect)
         names = ["config.yaml", "results.csv", "results.png", "last.pt", "best.pt", "val"]
         if tcfg.tensorboard:

@@ -141,6 +141,22 @@ class OutputFolder:
             raise self.os_error(exc) from None
         return path
 
+    def adopt_legacy(self, relpaths: Iterable[str | Path]) -> list[str]:
+        """Record files an older dfineseg (before ledgers existed) wrote here, when the caller holds evidence
+        of that (the folder's own checkpoint config or export summary). Only in a folder without a ledger;
+        returns what it recorded."""
+        if self._ledger_path.exists():
+            return []
+        present = [Path(r).as_posix() for r in relpaths if (self.root / r).exists() and not self.is_protected(self.root / r)]
+        if present:
+            try:
+                with open(self._ledger_path, "a", encoding="utf-8") as ledger:
+                    ledger.write("".join(rel + "\n" for rel in present))
+            except OSError as exc:
+                raise self.os_error(exc) from None
+            self._owned.update(present)
+        return present
+
     def check_all(self, relpaths: Iterable[str | Path]) -> None:
         """Refuse before any work starts when one of the files a command will write is not ours to replace."""
         for rel in relpaths:
