@@ -590,9 +590,17 @@ def check_f1(
     return Check("f1", value, limit, value <= limit + 1e-12, True, detail)
 
 
+# Checks whose value adds up different kinds of disagreement: each kind gets its own noise floor, so that one
+# PyTorch is sensitive to cannot excuse another. Measured on the seed-2 fixture at 128 px: under half an
+# 8-bit level of input noise PyTorch's own boxes of 5-6 of 9 detections moved below IoU 0.99 (small objects)
+# while no detection appeared or vanished; one floor of 6 for the sum let an artefact lose 12 detections.
+FLOOR_COMPONENTS = {"detections": ("pairs_below_iou", "unmatched")}
+
+
 def apply_noise_floor(checks: list[Check], ref: Reference, data: ParityData, tol: Tolerance) -> None:
     """Raise each judged limit to NOISE_FLOOR_FACTOR x the same check run on PyTorch vs perturbed PyTorch
-    (the largest value over the noise draws; see the module docstring for the two noise levels)."""
+    (the largest value over the noise draws; see the module docstring for the two noise levels). A check
+    in FLOOR_COMPONENTS is judged per component, each against its own floor."""
     n_raw = len(data.raw_images)
     topk = int(ref.outputs["scores"].shape[1])
 
@@ -605,19 +613,32 @@ def apply_noise_floor(checks: list[Check], ref: Reference, data: ParityData, tol
                 check_f1(ref.f1, noisy.f1, tol, ref.detections, noisy.detections, data)]
 
     floors: dict[str, float] = {}
+    component_floors: dict[str, dict[str, float]] = {}
     for amplitude, run_checks in ((ARITH_NOISE, arithmetic), (DECISION_NOISE, decisions)):
         for noisy in ref.perturbed(amplitude):
             for c in run_checks(noisy):
                 if c.value is not None:
                     floors[c.name] = max(floors.get(c.name, 0.0), c.value)
+                for part in FLOOR_COMPONENTS.get(c.name, ()):
+                    seen = component_floors.setdefault(c.name, {})
+                    seen[part] = max(seen.get(part, 0.0), float(c.detail.get(part, 0.0)))
     for check in checks:
         floor = floors.get(check.name)
         if floor is None or check.value is None or check.limit is None or not check.judged:
             continue
         check.detail["noise_floor"] = floor
         check.detail["fixed_limit"] = check.limit
-        check.limit = max(check.limit, NOISE_FLOOR_FACTOR * floor)
-        check.passed = check.value <= check.limit + 1e-12
+        parts = component_floors.get(check.name)
+        if parts is None:
+            check.limit = max(check.limit, NOISE_FLOOR_FACTOR * floor)
+            check.passed = check.value <= check.limit + 1e-12
+            continue
+        # The fixed limit applies to each part; the reported limit is their sum (the value is a sum too).
+        limits = {part: max(check.detail["fixed_limit"], NOISE_FLOOR_FACTOR * f) for part, f in parts.items()}
+        check.detail["noise_floor_parts"] = parts
+        check.detail["limit_parts"] = limits
+        check.limit = float(sum(limits.values()))
+        check.passed = all(float(check.detail.get(p, 0.0)) <= lim + 1e-12 for p, lim in limits.items())
 
 
 # ------------------------------------------------------------------------------------------ driver
