@@ -428,3 +428,21 @@ def test_an_export_folder_an_earlier_dfineseg_wrote_is_adopted_from_its_summary(
     (other / "model.onnx").write_bytes(b"x")
     (other / "export_summary.json").write_text(json.dumps({"artefacts": {"onnx": {"path": "/elsewhere/model.onnx"}}}))
     assert adopt_legacy_export(OutputFolder(other, command="export")) == []
+
+
+def test_staging_folders_of_a_killed_run_are_removed_and_a_live_runs_kept(tmp_path):
+    import os
+
+    from dfineseg.utils.outputs import OutputFolder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # that process has exited: its staging folder is left over from a kill
+    stale = tmp_path / f".dfineseg-staging-export-{dead_pid}-abc123"
+    live = tmp_path / f".dfineseg-staging-export-{os.getpid()}-def456"
+    mine = tmp_path / ".dfineseg-staging-notes"  # not our name pattern: the user's
+    for folder in (stale, live, mine):
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"x")
+    new = OutputFolder(tmp_path, command="export").staging()
+    assert not stale.exists() and live.exists() and mine.exists() and new.is_dir()
+    assert new.name.startswith(f".dfineseg-staging-export-{os.getpid()}-")

@@ -18,6 +18,7 @@ Torch-free and pydantic-free: the edge install's `dfineseg infer` uses it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -27,6 +28,22 @@ from pathlib import Path
 from dfineseg.infer.errors import UserError
 
 LEDGER = ".dfineseg-outputs"
+
+
+_STAGING_PREFIX = ".dfineseg-staging-"
+_STAGING_NAME = re.compile(r"^\.dfineseg-staging-[a-z_]+-(\d+)-[A-Za-z0-9_]+$")  # command, pid, mkdtemp suffix
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there: keep every staging folder
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 class OutputConflictError(UserError):
@@ -179,11 +196,23 @@ class OutputFolder:
 
     # ------------------------------------------------------------------------------ staged artefacts
     def staging(self) -> Path:
-        """A new, hidden folder inside the output folder (same filesystem: promotion is a rename)."""
+        """A new, hidden folder inside the output folder (same filesystem: promotion is a rename).
+
+        Its name carries this process's id, so staging folders a killed run left behind (their process is
+        gone) are removed here, and a concurrent run's (its process alive) are left alone."""
+        self._remove_stale_staging()
         try:
-            return Path(tempfile.mkdtemp(dir=self.root, prefix=f".{self.command}-staging-"))
+            return Path(tempfile.mkdtemp(dir=self.root, prefix=f"{_STAGING_PREFIX}{self.command}-{os.getpid()}-"))
         except OSError as exc:
             raise self.os_error(exc) from None
+
+    def _remove_stale_staging(self) -> None:
+        for entry in self.root.glob(f"{_STAGING_PREFIX}*"):
+            match = _STAGING_NAME.match(entry.name)
+            if match is None or not entry.is_dir() or entry.is_symlink():
+                continue
+            if not _process_alive(int(match.group(1))):
+                shutil.rmtree(entry, ignore_errors=True)
 
     def promote(self, staged: str | Path, relpath: str | Path) -> Path:
         """Move the checked file or folder `staged` to `relpath`, replacing dfineseg's older one there.
