@@ -67,8 +67,10 @@ def _run_data(ns: argparse.Namespace) -> int:
         splits = opts.get("splits")
         if isinstance(splits, str):
             splits = [s for s in splits.split(",") if s]
-        report = checks.run_check(str(opts["data"]), splits=splits,
-                                  allow_outside_root=str(opts.get("allow_outside_root", False)).lower() in ("true", "1", "yes"))
+        outside = opts.get("allow_outside_root", False)  # parsed as YAML: true/false arrive as booleans
+        if not isinstance(outside, bool):
+            raise UserError(f"allow_outside_root={outside!r}: write true or false")
+        report = checks.run_check(str(opts["data"]), splits=splits, allow_outside_root=outside)
         return 1 if getattr(report, "fatal", False) else 0
     parser = argparse.ArgumentParser(prog="dfineseg data synth", description="write the generated demo dataset")
     parser.add_argument("out", help="output folder (created)")

@@ -379,21 +379,23 @@ def _suggest(key: str, allowed: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; allowed keys: {', '.join(sorted(allowed))}"
 
 
+def _is_section(field: Any) -> bool:
+    """A schema field that holds a nested section (a model) rather than a setting."""
+    return isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+
+
 def _leaf_paths() -> dict[str, list[str]]:
     """Setting name -> its dotted paths in every section (`batch` -> train.batch, eval.batch, ...)."""
     out: dict[str, list[str]] = {}
 
     def walk(model: Any, prefix: str) -> None:
         for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{name}.")
-            else:
+            if _is_section(field):
+                walk(field.annotation, f"{prefix}{name}.")
+            elif prefix:  # top-level settings (schema_version) are not sections' settings
                 out.setdefault(name, []).append(f"{prefix}{name}")
 
-    for section, field in Config.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            walk(field.annotation, f"{section}.")
+    walk(Config, "")
     return out
 
 
@@ -401,8 +403,7 @@ def _suggest_top_level(key: str, aliases: dict[str, str] | None) -> str:
     """A top-level key that is no section: the command's short forms (`epoch` -> `epochs`), the sections and
     every setting's own name (`warmup_iters` -> `train.warmup_iters`) are the candidates."""
     aliases = aliases or {}
-    sections = [n for n, f in Config.model_fields.items()
-                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)]
+    sections = [n for n, f in Config.model_fields.items() if _is_section(f)]
     leaves = _leaf_paths()
     if key in aliases:  # only possible from a YAML file: short forms are for the command line
         return f"; '{key}' is a command-line short form: in a YAML file write it as {aliases[key]}"
@@ -423,7 +424,7 @@ def _section_fields(loc: tuple[Any, ...]) -> list[str]:
     model: Any = Config
     for part in loc:
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if field is None or not _is_section(field):
             return []
         model = field.annotation
     return list(model.model_fields)

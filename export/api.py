@@ -85,14 +85,17 @@ def _conf(cfg: Any, info: dict[str, Any]) -> float:
     return float(info.get("conf", cfg.eval.conf))
 
 
+def export_folder(weights: Path, e: Any) -> Path:
+    """Where the artefacts go: export.out, or the checkpoint's own folder."""
+    return Path(e.out) if e.out else weights.parent
+
+
 def make_plan(weights: str | Path, cfg: Any, info: dict[str, Any]) -> ExportPlan:
     e = cfg.export
     weights = Path(weights)
-    if e.int8 and "openvino" not in e.formats:
-        raise ExportError("export.int8=true quantises the OpenVINO model: add openvino to format= (e.g. format=openvino int8=true)")
     return ExportPlan(
         weights=weights,
-        out=Path(e.out) if e.out else weights.parent,
+        out=export_folder(weights, e),
         formats=list(dict.fromkeys(e.formats)),
         half=e.half,
         int8=e.int8,
@@ -190,24 +193,22 @@ def _backend(path: Path, **options: Any) -> tuple[Callable[[np.ndarray], dict[st
 
 
 def check_finite_weights(model: Any, weights: Path, info: dict[str, Any]) -> None:
-    """Refuse a checkpoint whose weights hold NaN/Inf: its outputs are NaN and every parity check would fail."""
+    """Refuse a checkpoint whose weights hold NaN/Inf: its outputs are NaN and every parity check would fail.
+    The same rule the trainer applies before it saves (`nonfinite_weights`: the anchor caches excepted)."""
     import torch
 
-    which = "EMA weights" if info.get("ema") else "weights"
-    # Parameters must be finite; buffers only free of NaN (the decoder's anchor buffer marks invalid anchors
-    # with +inf by design).
-    tensors = [(name, t, True) for name, t in model.named_parameters()]
-    tensors += [(name, t, False) for name, t in model.named_buffers()]
-    for name, tensor, parameter in tensors:
-        if not torch.is_floating_point(tensor):
-            continue
-        bad = int((~torch.isfinite(tensor) if parameter else torch.isnan(tensor)).sum())
-        if bad:
-            raise ExportError(
-                f"{weights}: the checkpoint's {which} are not finite: '{name}' holds {bad} NaN/Inf value(s) of "
-                f"{tensor.numel()}; training diverged or the file was damaged. Export an earlier checkpoint "
-                "(e.g. last.pt vs best.pt, or one saved before the loss went NaN), or retrain with a lower lr"
-            )
+    from dfineseg.train.checkpoint import nonfinite_weights
+
+    state = model.state_dict()
+    bad = nonfinite_weights(state)
+    if bad:
+        name, tensor = bad[0], state[bad[0]]
+        which = "EMA weights" if info.get("ema") else "weights"
+        raise ExportError(
+            f"{weights}: the checkpoint's {which} are not finite: '{name}' holds {int((~torch.isfinite(tensor)).sum())} "
+            f"NaN/Inf value(s) of {tensor.numel()}; training diverged or the file was damaged. Export an earlier "
+            "checkpoint (e.g. last.pt vs best.pt, or one saved before the loss went NaN), or retrain with a lower lr"
+        )
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -246,7 +247,7 @@ def export_model(weights: str | Path, cfg: Any, say: Say | None = _print) -> dic
         raise ExportError("export.int8=true quantises the OpenVINO model: add openvino to format= (e.g. format=openvino int8=true)")
 
     # Refuse before any work when an output would replace a file dfineseg did not write.
-    folder = OutputFolder(Path(e.out) if e.out else weights.parent, command="export", protect=[weights])
+    folder = OutputFolder(export_folder(weights, e), command="export", protect=[weights])
     keys = planned_artefacts(list(dict.fromkeys(e.formats)), e.half, e.int8)
     if not keys:
         raise ExportError("nothing to export: pass format= one or more of onnx, openvino, tensorrt")

@@ -224,9 +224,9 @@ class ResultWriter:
     """Writes every sink for one run into `out` (created). `close()` writes the JSON files and returns
     a summary of what was written.
 
-    `out` is a folder path or a `dfineseg.utils.outputs.OutputFolder`: every file goes through its `claim`,
-    so a run never writes over a file dfineseg did not write (a source image, a ground-truth label) or
-    over one of its inputs (`protect`: the source, the model file).
+    `out` is a folder path or a `dfineseg.utils.outputs.OutputFolder` (the CLI's, which protects the source
+    and the model file): every file goes through its `claim`, so a run never writes over a file dfineseg
+    did not write (a source image, a ground-truth label) or over one of its inputs.
     """
 
     def __init__(
@@ -236,7 +236,6 @@ class ResultWriter:
         category_ids: Sequence[int] | None,
         options: SinkOptions | None = None,
         video_fps: float | None = None,
-        protect: Sequence[str | Path] = (),
     ) -> None:
         if hasattr(out, "claim"):
             self.folder = out
@@ -244,7 +243,7 @@ class ResultWriter:
             # Imported here: the one torch-free helper of the core package that every command's outputs share.
             from dfineseg.utils.outputs import OutputFolder
 
-            self.folder = OutputFolder(out, command="infer", protect=protect)
+            self.folder = OutputFolder(out, command="infer")
         self.out = Path(self.folder.root)
         self.names = list(names)
         self.category_ids = list(category_ids) if category_ids is not None else list(range(len(names)))
@@ -256,9 +255,6 @@ class ResultWriter:
         self._video: Any = None
         self._video_path: Path | None = None
         self.files: list[Path] = []
-
-    def planned(self, source: Source) -> list[str]:
-        return planned_outputs(source, self.options)
 
     # -------------------------------------------------------------- per frame
     def write(self, frame: Frame, det: Detections) -> None:

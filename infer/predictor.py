@@ -214,7 +214,7 @@ class Predictor:
     def predict_batch(self, images: Sequence[np.ndarray], conf: float | None = None) -> list[Detections]:
         if not len(images):
             return []
-        images = [self._as_image(im, i) for i, im in enumerate(images)]  # arrays: a cheap shape/dtype check
+        images = [self._as_image(im, i) for i, im in enumerate(images)]  # None, paths, odd types
         thr = self.conf if conf is None else float(conf)
         _check_conf(thr)
         out: list[Detections] = []
@@ -253,8 +253,7 @@ class Predictor:
                 "for a missing or unreadable file; check the path, or pass the path itself to predict"
             )
         if isinstance(item, np.ndarray):
-            _check_image_array(item, where)
-            return item
+            return item  # shape, size and dtype are checked once, by the shared preprocess (to_rgb_uint8)
         if isinstance(item, str | Path):
             from dfineseg.infer.io import read_image
 
@@ -266,8 +265,8 @@ class Predictor:
     def _preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list]:
         try:
             return preprocess(list(images), self.info.imgsz, self.info.resize)
-        except (TypeError, ValueError) as exc:
-            raise PredictorError(f"cannot use this image: {exc}") from None
+        except (TypeError, ValueError) as exc:  # to_rgb_uint8: shape, emptiness, dtype, float range
+            raise InputImageError(f"cannot use this image: {exc}") from None
 
     def _pad(self, batch: np.ndarray) -> np.ndarray:
         """Fill a fixed-batch graph's remaining slots with zeros (their outputs are dropped)."""
@@ -305,21 +304,6 @@ class Predictor:
         return (
             f"Predictor({self.backend.path}, backend={rt.backend}, device={rt.device}, precision={rt.precision}, "
             f"task={self.info.task}, classes={len(self.info.names)}, imgsz={list(self.info.imgsz)}, conf={self.conf})"
-        )
-
-
-def _check_image_array(img: np.ndarray, where: str = "") -> None:
-    """Shape, size and dtype problems of an image array as one clear message (before any preprocessing)."""
-    shape = tuple(img.shape)
-    if img.ndim not in (2, 3) or (img.ndim == 3 and shape[2] not in (1, 3, 4)):
-        raise InputImageError(
-            f"image{where} has shape {shape}; expected HxWx3 (RGB), HxWx4, HxWx1 or HxW (gray)"
-        )
-    if img.size == 0:
-        raise InputImageError(f"image{where} is empty (shape {shape}); was it decoded or cropped correctly?")
-    if not (img.dtype in (np.uint8, np.uint16, np.bool_) or np.issubdtype(img.dtype, np.floating)):
-        raise InputImageError(
-            f"image{where} has dtype {img.dtype}; use uint8 (as read by OpenCV/PIL), uint16, or float in 0..1"
         )
 
 
