@@ -6,6 +6,8 @@ postprocess (masks at original resolution), synchronise, stop. The raw forward i
 the same preprocessed inputs. Accuracy (F1/P/R/penalised IoU at the fixed threshold, COCO mAP at conf
 0.01) comes from the same artefact in the same process: nothing is re-exported between the two.
 
+The rows (`bench.formats`), the artefact each runs and its Predictor options are the export registry's
+(`dfineseg.export.formats.BENCH_ROWS`); an artefact missing from the export folder is exported once.
 A format that cannot run here (no TensorRT, no GPU) is reported as skipped with the reason; a format
 that fails is reported as failed with the error, and the others still run.
 """
@@ -17,40 +19,15 @@ import io
 import json
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dfineseg.benchmarks.machine import describe, machine_info
+from dfineseg.export.formats import BENCH_ROWS
 from dfineseg.infer.errors import BackendUnavailableError, UserError
-
-
-@dataclass(frozen=True)
-class FormatSpec:
-    """How a bench format maps to an exported artefact and the options it runs with."""
-
-    artefact: str | None  # relative to the export folder; None: the checkpoint itself
-    options: dict[str, Any] = field(default_factory=dict)
-    export: dict[str, Any] = field(default_factory=dict)  # export config that produces the artefact
-    note: str = ""
-
-
-FORMATS: dict[str, FormatSpec] = {
-    "torch": FormatSpec(None, note="PyTorch eager, fp32"),
-    "onnx": FormatSpec("model.onnx", export={"formats": ["onnx"]}, note="ONNX Runtime CPU, fp32"),
-    "onnx-fp16": FormatSpec("model_fp16.onnx", export={"formats": ["onnx"], "half": True},
-                            note="FP16 ONNX (the TensorRT 11 input) in ONNX Runtime"),
-    "ov-fp32": FormatSpec("openvino/model.xml", {"precision": "f32"}, {"formats": ["openvino"]},
-                          note="OpenVINO, FP32 weights, INFERENCE_PRECISION_HINT=f32"),
-    "ov-fp16": FormatSpec("openvino_fp16/model.xml", {}, {"formats": ["openvino"], "half": True},
-                          note="OpenVINO, FP16-compressed weights, device default precision"),
-    "ov-int8": FormatSpec("openvino_int8/model.xml", {}, {"formats": ["openvino"], "int8": True},
-                          note="OpenVINO INT8 (NNCF), device default precision for the float parts"),
-    "trt-fp16": FormatSpec("model.engine", {"device": "cuda"}, {"formats": ["tensorrt"], "half": True},
-                           note="TensorRT FP16 engine"),
-}
 
 COLUMNS = ["format", "status", "e2e_mean_ms", "e2e_p50_ms", "e2e_p95_ms", "raw_mean_ms", "raw_p50_ms",
            "raw_p95_ms", "e2e_over_raw", "f1", "precision", "recall", "penalized_iou", "map50_95", "map50",
@@ -146,17 +123,17 @@ def _metric_row(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def ensure_artefact(fmt: str, weights: Path, export_dir: Path, cfg: Any) -> Path:
     """The file a format runs: the checkpoint, or an export in `export_dir` (exported once if missing)."""
-    spec = FORMATS[fmt]
-    if spec.artefact is None:
+    _, artefact = BENCH_ROWS[fmt]
+    if artefact is None:
         return weights
-    path = export_dir / spec.artefact
+    path = export_dir / artefact.entry
     if path.exists():
         return path
     from dfineseg.export.api import export_model
 
     export_cfg = cfg.model_copy(deep=True)
     export_cfg.export.out = str(export_dir)
-    for key, value in spec.export.items():
+    for key, value in artefact.export_settings().items():
         setattr(export_cfg.export, key, value)
     export_model(str(weights), export_cfg)
     if not path.exists():
@@ -165,10 +142,10 @@ def ensure_artefact(fmt: str, weights: Path, export_dir: Path, cfg: Any) -> Path
 
 
 def count_params(weights: Path) -> float:
-    from dfineseg.train.checkpoint import load_model_from_checkpoint
+    from dfineseg.model import count_parameters
+    from dfineseg.model.model_file import load_model_file
 
-    model, _ = load_model_from_checkpoint(weights)
-    return sum(p.numel() for p in model.parameters()) / 1e6
+    return count_parameters(load_model_file(weights).model) / 1e6
 
 
 def run_bench(cfg: Any) -> list[dict[str, Any]]:
@@ -218,7 +195,7 @@ def _log_name(row_name: str) -> str:
 
 def _open_format(fmt: str, weights: Path, export_dir: Path, cfg: Any, predictor_cls: Any) -> tuple[Any, Path]:
     path = ensure_artefact(fmt, weights, export_dir, cfg)
-    options = dict(FORMATS[fmt].options)
+    options = dict(BENCH_ROWS[fmt][0].options)
     if cfg.bench.threads:
         options["threads"] = cfg.bench.threads
     return predictor_cls.load(path, conf=cfg.eval.conf, **options), path

@@ -32,7 +32,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from dfineseg.infer.graph import INPUT_NAME, output_names  # noqa: E402
 from dfineseg.model import DeployModel, DFINESeg, count_parameters  # noqa: E402
+from dfineseg.model.runner import deploy_module, module_forward  # noqa: E402
 
 VARIANTS = {
     # name: (task, fpn_channels, mask_channels, depthwise 1/4 block, norm)
@@ -91,9 +93,9 @@ def interleaved_median_ms(runners: dict[str, Callable[[], object]], runs: int, w
 
 
 def export_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path, segment: bool) -> None:
-    names = ["scores", "labels", "boxes"] + (["mask_logits"] if segment else [])
+    names = list(output_names("segment" if segment else "detect"))
     # The TorchScript exporter (dynamo=False) handles this graph in seconds; opset 17 keeps LayerNorm native.
-    torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=names, opset_version=17,
+    torch.onnx.export(model, (x,), str(path), input_names=[INPUT_NAME], output_names=names, opset_version=17,
                       dynamo=False)
 
 
@@ -159,7 +161,7 @@ def _measure(args: argparse.Namespace, x: torch.Tensor, xn: np.ndarray, tmp: Pat
         size_rows: dict[str, Row] = {}
         for variant in args.variants:
             model = build(size, variant)
-            deploys[variant] = DeployModel(model, topk=100).eval()
+            deploys[variant] = deploy_module(model, topk=100)
             size_rows[variant] = Row(size, variant, count_parameters(model) / 1e6, gflops(deploys[variant], x))
         onnx_paths = {}
         if any(f != "torch" for f in args.formats):
@@ -168,9 +170,10 @@ def _measure(args: argparse.Namespace, x: torch.Tensor, xn: np.ndarray, tmp: Pat
                 export_onnx(deploy, x, onnx_paths[variant], deploy.model.task == "segment")
         for fmt in args.formats:
             if fmt == "torch":
-                runners = {v: (lambda d=d: d(x)) for v, d in deploys.items()}
-                with torch.no_grad():
-                    res = interleaved_median_ms(runners, args.torch_runs or args.runs, args.warmup)
+                # The shared PyTorch runner (numpy in, graph outputs out), as the torch backend runs it.
+                forwards = {v: module_forward(d, output_names(d.model.task)) for v, d in deploys.items()}
+                runners = {v: (lambda f=f: f(xn)) for v, f in forwards.items()}
+                res = interleaved_median_ms(runners, args.torch_runs or args.runs, args.warmup)
             else:
                 runners = {v: ov_runner(p, xn, fmt, args.threads, args.calib) for v, p in onnx_paths.items()}
                 runs = (args.bf16_runs or args.runs) if fmt == "bf16" else args.runs

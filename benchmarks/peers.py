@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dfineseg.infer.errors import UserError
+from dfineseg.infer.graph import MASK_LOGITS
 
 
 class PeerModelError(UserError):
@@ -92,5 +93,5 @@ def yolo_end_to_end_to_contract(outputs: list[np.ndarray], input_hw: tuple[int, 
         b, m, ph, pw = protos.shape
         if coeffs.shape[-1] != m:
             raise PeerModelError(f"{path}: {coeffs.shape[-1]} mask coefficients but {m} prototypes")
-        out["mask_logits"] = np.einsum("bkm,bmhw->bkhw", coeffs, protos).astype(np.float32)
+        out[MASK_LOGITS] = np.einsum("bkm,bmhw->bkhw", coeffs, protos).astype(np.float32)
     return out

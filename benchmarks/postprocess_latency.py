@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from dfineseg.infer.detections import integer_boxes
+from dfineseg.infer.graph import MASK_LOGITS
 from dfineseg.infer.postprocess import postprocess
 from dfineseg.infer.preprocess import ResizeMeta, boxes_to_network, preprocess
 
@@ -51,7 +52,7 @@ def synthetic_outputs(
         "scores": scores[None],
         "labels": rng.integers(0, 10, (1, queries)).astype(np.int64),
         "boxes": boxes[None],
-        "mask_logits": logits[None],
+        MASK_LOGITS: logits[None],
     }
 
 
@@ -65,7 +66,7 @@ def naive_masks(outputs: dict[str, np.ndarray], meta: ResizeMeta, conf: float, a
     rects = integer_boxes(boxes, meta.orig_shape)
     out = np.zeros((len(idx), meta.orig_h, meta.orig_w), bool)
     for k, (q, (x0, y0, x1, y1)) in enumerate(zip(idx, rects)):
-        up = cv2.resize(outputs["mask_logits"][0, q], (meta.in_w, meta.in_h), interpolation=cv2.INTER_LINEAR)
+        up = cv2.resize(outputs[MASK_LOGITS][0, q], (meta.in_w, meta.in_h), interpolation=cv2.INTER_LINEAR)
         full = cv2.resize(up[meta.pad_y : meta.pad_y + nh, meta.pad_x : meta.pad_x + nw], (meta.orig_w, meta.orig_h),
                           interpolation=cv2.INTER_LINEAR)
         out[k, y0:y1, x0:x1] = full[y0:y1, x0:x1] > 0

@@ -3,25 +3,16 @@
 This module imports nothing heavy (no torch, no pydantic): `dfineseg.infer` must stay usable on an edge
 device.
 
-Python API: `dfineseg.train(cfg)`, `dfineseg.val(cfg)`, `dfineseg.export(cfg)`, `dfineseg.bench(cfg)` and
-`dfineseg.Predictor(path)`. `train`, `val` and `export` are also the names of subpackages (the design
-card's layout), so those modules are made callable (`dfineseg/_callable.py`) and imported on first use.
+Python API: the functions of `dfineseg.api` (`api.train(cfg)`, `api.val(cfg)`, `api.export(cfg)`,
+`api.bench(cfg)`), plus the shortcuts `dfineseg.Predictor(path)` and `dfineseg.bench(cfg)`. `dfineseg.train`,
+`dfineseg.val` and `dfineseg.export` are the subpackages of the design card's layout, not functions.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-
-_CALLABLE_MODULES = {"train": "dfineseg.train", "val": "dfineseg.val", "export": "dfineseg.export"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _CALLABLE_MODULES:
-        return importlib.import_module(_CALLABLE_MODULES[name])
-    raise AttributeError(f"module 'dfineseg' has no attribute {name!r}")
 
 
 def bench(cfg: Any = None, **overrides: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Plain Python entry points behind the CLI: `train(cfg) -> best.pt`, `val(cfg) -> metrics`.
+"""The Python API, also the CLI's entry points: `train(cfg) -> best.pt`, `val(cfg) -> metrics`,
+`export(cfg) -> {artefact: path}`, `bench(cfg) -> rows` (`from dfineseg import api; api.train(cfg)`).
 
 Each takes a validated `Config`, a YAML path, a plain dict, or nothing, plus keyword overrides with the
 CLI's short names or dotted paths (`train(data="d.yaml", epochs=3, **{"model.size": "tiny"})`).

@@ -14,8 +14,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
+from dfineseg.export.formats import BENCH_FORMAT_NAMES, EXPORT_FORMAT_NAMES
+from dfineseg.infer_cli import OPTIONS as INFER_OPTIONS
+from dfineseg.infer_cli import check_options as check_infer_options
+from dfineseg.loss.terms import LOSS_WEIGHTS
 from dfineseg.overrides import ConfigError, deep_merge, load_yaml_with_bases, parse_overrides
 
 SCHEMA_VERSION = 1
@@ -172,14 +184,16 @@ class ModelConfig(Section):
 
 
 # ---------------------------------------------------------------- losses and matcher
-class LossConfig(Section):
-    vfl: float = 1.0
-    l1: float = 5.0
-    giou: float = 2.0
-    fgl: float = 0.15
-    ddf: float = 1.5
-    mask_bce: float = 1.0
-    mask_dice: float = 1.0
+# The weights (vfl, l1, giou, fgl, ddf, mask_bce, mask_dice) are generated from the loss terms' one table,
+# dfineseg/loss/terms.py, which the criterion also reads (names, defaults); torch-free.
+_LossWeights = create_model(
+    "_LossWeights",
+    __base__=Section,
+    **{w.key: (float, Field(w.default, description=w.help)) for w in LOSS_WEIGHTS},
+)
+
+
+class LossConfig(_LossWeights):
     focal_alpha: float = 0.75
     focal_gamma: float = 2.0
     match_class: float = 2.0
@@ -242,7 +256,7 @@ class TrainConfig(Section):
     _device = field_validator("device", mode="before")(lambda cls, v: _train_device(v))
 
 
-# ---------------------------------------------------------------- evaluation, export, inference, bench
+# ---------------------------------------------------------------- evaluation, export, bench
 class EvalConfig(Section):
     weights: str | None = Field(None, description="checkpoint or exported model to validate")
     out: str | None = Field(None, description="output folder (default runs/val/<name>)")
@@ -259,7 +273,7 @@ class EvalConfig(Section):
 
 class ExportConfig(Section):
     weights: str | None = Field(None, description="the checkpoint to export")
-    formats: list[Literal["onnx", "openvino", "tensorrt"]] = ["onnx", "openvino"]
+    formats: list[Literal[EXPORT_FORMAT_NAMES]] = ["onnx", "openvino"]
     half: bool = False
     int8: bool = False
     batch: int = Field(1, ge=1)
@@ -281,23 +295,7 @@ class ExportConfig(Section):
     _formats = field_validator("formats", mode="before")(lambda cls, v: _comma_list(v))
 
 
-class InferConfig(Section):
-    model: str | None = None
-    source: str | None = None
-    out: str = "runs/infer"
-    conf: float | None = Field(None, ge=0.0, le=1.0, description="default: the threshold stored in the model")
-    device: str = "cpu"
-    half: bool = False
-    precision: Literal["f32", "f16", "bf16"] | None = None
-    threads: int | None = Field(None, ge=1)
-    save_images: bool = True
-    save_json: bool = True
-    save_txt: bool = False
-    save_crops: bool = False
-    mask_alpha: float = Field(0.45, ge=0.0, le=1.0)
-
-
-BENCH_FORMATS = Literal["torch", "onnx", "onnx-fp16", "ov-fp32", "ov-fp16", "ov-int8", "trt-fp16"]
+BENCH_FORMATS = Literal[BENCH_FORMAT_NAMES]
 
 
 class BenchConfig(Section):
@@ -321,8 +319,21 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
-    infer: InferConfig = InferConfig()
+    # `dfineseg infer`'s options have one schema, OPTIONS in dfineseg/infer_cli.py (that command runs on an
+    # edge install without pydantic). The section is checked with the same function the command uses and
+    # kept as written, for a later `dfineseg infer config=<this file>`.
+    infer: dict[str, Any] = Field(default_factory=dict)
     bench: BenchConfig = BenchConfig()
+
+    @field_validator("infer", mode="before")
+    @classmethod
+    def _infer_options(cls, value: Any) -> dict[str, Any]:
+        if value is None:  # an empty `infer:` in a YAML file, as `dfineseg infer` reads it
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("the 'infer' section must be a mapping of infer options")
+        check_infer_options(value)  # a ConfigError is a ValueError: reported under `infer`
+        return dict(value)
 
     @model_validator(mode="after")
     def _schema(self) -> Config:
@@ -384,6 +395,14 @@ def _is_section(field: Any) -> bool:
     return isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
 
 
+# Sections whose keys another table checks (see `Config.infer`): section -> its keys.
+_OPTION_SECTIONS: dict[str, Any] = {"infer": INFER_OPTIONS}
+
+
+def _section_names() -> list[str]:
+    return [n for n, f in Config.model_fields.items() if _is_section(f) or n in _OPTION_SECTIONS]
+
+
 def _leaf_paths() -> dict[str, list[str]]:
     """Setting name -> its dotted paths in every section (`batch` -> train.batch, eval.batch, ...)."""
     out: dict[str, list[str]] = {}
@@ -392,6 +411,9 @@ def _leaf_paths() -> dict[str, list[str]]:
         for name, field in model.model_fields.items():
             if _is_section(field):
                 walk(field.annotation, f"{prefix}{name}.")
+            elif not prefix and name in _OPTION_SECTIONS:
+                for key in _OPTION_SECTIONS[name]:
+                    out.setdefault(key, []).append(f"{name}.{key}")
             elif prefix:  # top-level settings (schema_version) are not sections' settings
                 out.setdefault(name, []).append(f"{prefix}{name}")
 
@@ -403,7 +425,7 @@ def _suggest_top_level(key: str, aliases: dict[str, str] | None) -> str:
     """A top-level key that is no section: the command's short forms (`epoch` -> `epochs`), the sections and
     every setting's own name (`warmup_iters` -> `train.warmup_iters`) are the candidates."""
     aliases = aliases or {}
-    sections = [n for n, f in Config.model_fields.items() if _is_section(f)]
+    sections = _section_names()
     leaves = _leaf_paths()
     if key in aliases:  # only possible from a YAML file: short forms are for the command line
         return f"; '{key}' is a command-line short form: in a YAML file write it as {aliases[key]}"

@@ -14,13 +14,17 @@ counts as its filled box.
 
 Predictions should be made at the mAP threshold (``map_conf``, 0.01): COCO mAP and the sweep need the
 low-score tail, and the fixed-threshold metrics keep only the scores >= ``conf``.
+
+Every caller that scores a model comes through here (`dfineseg val`, training-time validation, the
+benchmark harness), so running a predictor over a split (``predict_index``) and reading the result
+(``headline_metrics``, ``print_summary``) live here too, not in a command module the trainer would import.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,9 @@ from dfineseg.infer.errors import UserError
 from dfineseg.infer.metrics import GroundTruth, PaperMetrics, coco_map, rle_to_crop
 
 TASKS = ("segment", "detect")
+
+# A predictor: RGB uint8 images -> one Detections per image (a PyTorch model, an exported backend, a test stub).
+Predict = Callable[[list[np.ndarray]], list[Detections]]
 
 
 # ---------------------------------------------------------------------------------------- ground truth
@@ -123,6 +130,22 @@ def coco_ground_truth(index: Any, gts: Sequence[GroundTruth], task: str) -> dict
 
 
 # ---------------------------------------------------------------------------------------- inputs
+def predict_index(index: Any, predict: Predict, batch: int = 4, progress: bool = False) -> list[Detections]:
+    """Detections for every image of a DatasetIndex, in index order (images read as deployment reads them)."""
+    from dfineseg.data import read_image
+    from dfineseg.infer.batching import chunks
+
+    groups = chunks(index.images, batch)
+    if progress:
+        from tqdm import tqdm
+
+        groups = tqdm(groups, total=-(-len(index.images) // batch), desc="val", unit="batch", leave=False)
+    out: list[Detections] = []
+    for group in groups:
+        out.extend(predict([read_image(rec.file) for rec in group]))
+    return out
+
+
 def _ordered_predictions(index: Any, predictions: Mapping[int, Detections] | Sequence[Detections], task: str) -> list[Detections]:
     records = list(index.images)
     if isinstance(predictions, Mapping):
@@ -211,7 +234,7 @@ def evaluate(
         coco_results.extend(det[keep].to_coco(int(rec.image_id), index.category_ids, with_masks=task == "segment"))
     gt_coco = coco_ground_truth(index, gts, task)
 
-    headline_metrics: PaperMetrics | None = None
+    headline_pm: PaperMetrics | None = None
     for kind in kinds:
         metric_task = "segment" if kind == "mask" else "detect"
         pm = PaperMetrics(preds, gts, metric_task, num_classes=len(names), iou_thr=iou_thr)
@@ -219,15 +242,15 @@ def evaluate(
         section = outcome.summary()
         section.update(coco_map(gt_coco, coco_results, "segm" if kind == "mask" else "bbox"))
         results[kind] = section
-        if headline_metrics is None:
-            headline_metrics, headline_outcome = pm, outcome
+        if headline_pm is None:
+            headline_pm, headline_outcome = pm, outcome
 
     head = results[kinds[0]]
     results["headline"] = {
         "f1": head["f1"], "precision": head["precision"], "recall": head["recall"], "penalized_iou": head["iou"],
         "map50_95": head["map50_95"], "map50": head["map50"], "tp": head["tp"], "fp": head["fp"], "fn": head["fn"],
     }
-    results["sweep"] = headline_metrics.sweep()
+    results["sweep"] = headline_pm.sweep()
     results["per_class"] = headline_outcome.per_class(names)
     for row, cat in zip(results["per_class"], index.category_ids):
         row["category_id"] = int(cat)
@@ -239,6 +262,47 @@ def evaluate(
     if out_dir is not None:
         write_outputs(Path(out_dir), results, coco_results, index, plots)
     return results
+
+
+# ---------------------------------------------------------------------------------------- summaries
+# The numbers of each IoU type's section ("mask", "box") that the summaries show.
+_COLUMNS = ("precision", "recall", "f1", "iou", "map50", "map50_95")
+
+
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The flat numbers logged per epoch and offered to `train.best_metric`: `mask_f1`, `box_map50_95`, ...
+    for each IoU type the task has, plus `best_f1` / `best_conf` of the threshold sweep."""
+    flat: dict[str, float] = {}
+    for kind in ("mask", "box"):
+        section = metrics.get(kind)
+        if not isinstance(section, dict):
+            continue
+        for key in (*_COLUMNS, "tp", "fp", "fn"):
+            if isinstance(section.get(key), int | float):
+                flat[f"{kind}_{key}"] = float(section[key])
+    sweep = metrics.get("sweep") or {}
+    for key in ("best_f1", "best_conf"):
+        if isinstance(sweep.get(key), int | float):
+            flat[key] = float(sweep[key])
+    return flat
+
+
+def print_summary(metrics: dict[str, Any], file: Any = None) -> None:
+    """A small table: one row per IoU type (mask, box), the paper's numbers at `conf` and COCO mAP."""
+    import sys
+
+    file = file or sys.stdout
+    header = f"{'':6}" + "".join(f"{c:>11}" for c in ("P", "R", "F1", "IoU", "mAP50", "mAP50-95"))
+    print(f"conf {metrics.get('conf', float('nan')):.2f}, {metrics.get('images', '?')} images, "
+          f"{metrics.get('instances', '?')} instances", file=file)
+    print(header, file=file)
+    for kind in ("mask", "box"):
+        section = metrics.get(kind)
+        if isinstance(section, dict):
+            print(f"{kind:6}" + "".join(f"{float(section.get(c, float('nan'))):>11.4f}" for c in _COLUMNS), file=file)
+    sweep = metrics.get("sweep") or {}
+    if "best_f1" in sweep:
+        print(f"best F1 {sweep['best_f1']:.4f} at conf {sweep['best_conf']:.2f}", file=file)
 
 
 # ---------------------------------------------------------------------------------------- files

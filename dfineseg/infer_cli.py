@@ -12,7 +12,7 @@ import difflib
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,8 @@ def _optional(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda v: None if v is None or (isinstance(v, str) and v.lower() in ("none", "null", "")) else conv(v)
 
 
-# key -> (converter, default, help). Keys match the `infer:` section of the config schema where it has them.
+# key -> (converter, default, help): the one schema of infer options, also of the `infer:` section of a training
+# config (dfineseg.config checks it with `check_options`).
 OPTIONS: dict[str, tuple[Callable[[Any], Any], Any, str]] = {
     "model": (_text, None, "model file: .pt checkpoint, .onnx, OpenVINO .xml (or its folder), .engine (required)"),
     "source": (_source, None, "image, folder, glob ('dir/*.jpg'), video file, stream URL or webcam index (required)"),
@@ -111,6 +112,28 @@ def _suggest(key: str) -> str:
     return f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(OPTIONS)}"
 
 
+def check_options(given: dict[str, Any], hint: str = "") -> dict[str, Any]:
+    """Short forms -> option names, unknown keys refused with a did-you-mean, values converted.
+
+    The one check of infer options: `dfineseg infer` (its config file's `infer:` section and its command line)
+    and the training config's `infer:` section (dfineseg.config) both call it. `hint` ends the unknown-key
+    message. Returns only the options given.
+    """
+    named = {ALIASES.get(k, k): v for k, v in given.items()}
+    unknown = [k for k in named if k not in OPTIONS]
+    if unknown:
+        raise ConfigError(f"unknown infer option '{unknown[0]}'; {_suggest(unknown[0])}{hint}")
+    checked: dict[str, Any] = {}
+    for key, (conv, _, _) in OPTIONS.items():
+        if key not in named:
+            continue
+        try:
+            checked[key] = conv(named[key])
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"infer option {key}={named[key]!r}: {exc}") from None
+    return checked
+
+
 def resolve_options(args: list[str], config: str | Path | None = None) -> dict[str, Any]:
     """Defaults < the config file's `infer:` section < command-line key=value pairs; validated."""
     merged: dict[str, Any] = {}
@@ -121,18 +144,8 @@ def resolve_options(args: list[str], config: str | Path | None = None) -> dict[s
         merged.update({ALIASES.get(k, k): v for k, v in section.items()})
     cli = _flatten(parse_overrides(list(args)), "command line")
     merged.update({ALIASES.get(k, k): v for k, v in cli.items()})
-    unknown = [k for k in merged if k not in OPTIONS]
-    if unknown:
-        raise ConfigError(f"unknown infer option '{unknown[0]}'; {_suggest(unknown[0])}\n{USAGE}")
-    resolved: dict[str, Any] = {}
-    for key, (conv, default, _) in OPTIONS.items():
-        if key not in merged:
-            resolved[key] = default
-            continue
-        try:
-            resolved[key] = conv(merged[key])
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"infer option {key}={merged[key]!r}: {exc}") from None
+    given = check_options(merged, hint=f"\n{USAGE}")
+    resolved = {key: given.get(key, default) for key, (_, default, _) in OPTIONS.items()}
     missing = [k for k in ("model", "source") if resolved[k] in (None, "")]
     if missing:
         raise ConfigError(f"missing {' and '.join(f'{k}=' for k in missing)}\n{USAGE}")
@@ -143,17 +156,6 @@ def _progress(total: int | None, enabled: bool, desc: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
-
-
-def _chunks(frames: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for frame in frames:
-        chunk.append(frame)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -206,7 +208,9 @@ def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str,
                     writer.write(frame, det)
                     bar.update(1)
             else:
-                for chunk in _chunks(iter(source), predictor.chunk_size(source.total or 1)):
+                from dfineseg.infer.batching import chunks
+
+                for chunk in chunks(iter(source), predictor.chunk_size(source.total or 1)):
                     for frame, det in zip(chunk, predictor.predict_batch([f.image for f in chunk])):
                         writer.write(frame, det)
                     bar.update(len(chunk))

@@ -1,119 +1,27 @@
 """`dfineseg val`: run a model on a dataset split and score it with the evaluation core.
 
-One path for every caller: training-time validation, `dfineseg val weights=best.pt`, and (through the
-`predict` hook) any exported model. A predictor is any callable `predict(images) -> list[Detections]`
-taking RGB uint8 images; `torch_predictor` builds one from a PyTorch model with the deployment
-pre-processing (`dfineseg.infer.preprocess`), the exported-graph outputs (`DeployModel`) and the shared
-post-processing (`dfineseg.infer.postprocess`), so training numbers and deployed numbers agree.
+The scoring (and running a predictor over a split) is `dfineseg.evaluate`'s, shared with training-time
+validation; this module finds the model for `dfineseg val weights=best.pt` (a checkpoint, an exported
+model, or any `predict` hook) and the output folder. A predictor is any callable `predict(images) -> list[Detections]`
+taking RGB uint8 images; a checkpoint runs through `dfineseg.infer.backends.torch.model_predictor` (the PyTorch
+backend inside the Predictor), an exported model through its own backend in the same Predictor, so
+training numbers and deployed numbers agree.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dfineseg._callable import make_module_callable
-
-# `dfineseg.val(cfg)` calls `dfineseg.api.val` (this module is also the `val` subcommand's home).
-make_module_callable(__name__, "val")
-
-Predict = Callable[[list[np.ndarray]], list[Any]]
-
-
-def torch_predictor(
-    model: Any,
-    imgsz: Sequence[int],
-    resize: str,
-    conf: float,
-    device: Any = "cpu",
-    topk: int = 100,
-    class_conf: Any = None,
-    nms_iou: float | None = None,
-) -> Predict:
-    """A `predict(images)` for a PyTorch DFINESeg: preprocess -> DeployModel -> postprocess."""
-    import torch
-
-    from dfineseg.infer.postprocess import postprocess
-    from dfineseg.infer.preprocess import preprocess
-    from dfineseg.model.dfine import DeployModel
-
-    deploy = DeployModel(model, topk=topk).eval()
-    names = ("scores", "labels", "boxes", "mask_logits")
-
-    @torch.no_grad()
-    def predict(images: list[np.ndarray]) -> list[Any]:
-        batch, metas = preprocess(images, tuple(imgsz), resize)
-        outs = deploy(torch.from_numpy(batch).to(device))
-        arrays = {name: out.detach().float().cpu().numpy() if out.dtype.is_floating_point else out.cpu().numpy()
-                  for name, out in zip(names, outs)}
-        return postprocess(arrays, metas, conf=conf, class_conf=class_conf, nms_iou=nms_iou)
-
-    return predict
-
-
-def predict_index(index: Any, predict: Predict, batch: int = 4, progress: bool = False) -> list[Any]:
-    """Detections for every image of a DatasetIndex, in index order (images read as deployment reads them)."""
-    from dfineseg.data import read_image
-
-    records = list(index.images)
-    out: list[Any] = []
-    starts = range(0, len(records), batch)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="val", unit="batch", leave=False)
-    for start in starts:
-        chunk = records[start : start + batch]
-        out.extend(predict([read_image(rec.file) for rec in chunk]))
-    return out
-
+from dfineseg.evaluate import Predict, evaluate, predict_index, print_summary
 
 # What `dfineseg.evaluate.write_outputs` writes into `out` (plots only with eval.plots).
 VAL_OUTPUTS = ("metrics.json", "predictions.json", "images.json")
 VAL_PLOTS = ("f1_curve.png", "confusion_matrix.png")
-
-_COLUMNS = ("precision", "recall", "f1", "iou", "map50", "map50_95")
-
-
-def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The flat numbers logged per epoch and offered to `train.best_metric`: `mask_f1`, `box_map50_95`, ...
-    for each IoU type the task has, plus `best_f1` / `best_conf` of the threshold sweep."""
-    flat: dict[str, float] = {}
-    for kind in ("mask", "box"):
-        section = metrics.get(kind)
-        if not isinstance(section, dict):
-            continue
-        for key in (*_COLUMNS, "tp", "fp", "fn"):
-            if isinstance(section.get(key), int | float):
-                flat[f"{kind}_{key}"] = float(section[key])
-    sweep = metrics.get("sweep") or {}
-    for key in ("best_f1", "best_conf"):
-        if isinstance(sweep.get(key), int | float):
-            flat[key] = float(sweep[key])
-    return flat
-
-
-def print_summary(metrics: dict[str, Any], file: Any = None) -> None:
-    """A small table: one row per IoU type (mask, box), the paper's numbers at `conf` and COCO mAP."""
-    import sys
-
-    file = file or sys.stdout
-    header = f"{'':6}" + "".join(f"{c:>11}" for c in ("P", "R", "F1", "IoU", "mAP50", "mAP50-95"))
-    print(f"conf {metrics.get('conf', float('nan')):.2f}, {metrics.get('images', '?')} images, "
-          f"{metrics.get('instances', '?')} instances", file=file)
-    print(header, file=file)
-    for kind in ("mask", "box"):
-        section = metrics.get(kind)
-        if isinstance(section, dict):
-            print(f"{kind:6}" + "".join(f"{float(section.get(c, float('nan'))):>11.4f}" for c in _COLUMNS), file=file)
-    sweep = metrics.get("sweep") or {}
-    if "best_f1" in sweep:
-        print(f"best F1 {sweep['best_f1']:.4f} at conf {sweep['best_conf']:.2f}", file=file)
 
 
 def run_val(
@@ -137,7 +45,6 @@ def run_val(
     """
     from dfineseg.config import Config
     from dfineseg.data import load_index
-    from dfineseg.evaluate import evaluate
     from dfineseg.infer.errors import UserError
     from dfineseg.utils.outputs import OutputFolder
 
@@ -194,16 +101,15 @@ def run_val(
 
 
 def _checkpoint_predictor(weights: str | Path, cfg: Any) -> tuple[Predict, dict[str, Any]]:
-    from dfineseg.train.checkpoint import load_model_from_checkpoint
+    from dfineseg.infer.backends.torch import model_predictor
+    from dfineseg.model.model_file import load_model_file
     from dfineseg.train.distributed import resolve_device
 
     device = resolve_device(cfg.train.device if cfg.train.device != "auto" else "auto")
-    model, info = load_model_from_checkpoint(weights, device=device)
-    predict = torch_predictor(
-        model, info["imgsz"], info["resize"], conf=cfg.eval.map_conf, device=device, topk=cfg.eval.max_det,
-        nms_iou=cfg.eval.nms_iou,
-    )
-    return predict, info
+    opened = load_model_file(weights, device=device)
+    predict = model_predictor(opened.model, opened.deploy_info(topk=cfg.eval.max_det), device,
+                              conf=cfg.eval.map_conf, nms_iou=cfg.eval.nms_iou, batch_size=cfg.eval.batch)
+    return predict, {"task": opened.task, "names": opened.names}
 
 
 def _exported_predictor(path: str | Path, cfg: Any) -> tuple[Predict, dict[str, Any]]:

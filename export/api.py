@@ -14,44 +14,36 @@ summary is rewritten whatever happens (a parity failure, any other error mid-way
 passed / failed / not-checked (parity=false) / not-run, never a pass that did not happen; the error
 is re-raised after it is written. Nothing is written over a file dfineseg did not write (the ledger
 of `dfineseg.utils.outputs`), nor over the checkpoint.
+
+The steps: plan (`make_plan`) -> the FP32 ONNX -> parity data (`load_data`) -> PyTorch's reference ->
+for each planned artefact of the registry (`dfineseg.export.formats`): build (its format's module, with
+the shared `ExportContext`), check (`_check`), settle (`ExportRun.settle`) -> summary.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dfineseg.export.context import ExportContext, Say, open_backend
 from dfineseg.export.errors import ExportError
-from dfineseg.export.meta import build_metadata, with_precision
-from dfineseg.export.parity import (
-    RAW_NAMES,
-    TOLERANCES,
-    ParityData,
-    Reference,
-    int8_tolerance,
-    run_parity,
-    torch_reference,
-)
-from dfineseg.export.publish import (
-    ArtefactRecord,
-    ExportRun,
-    adopt_legacy_export,
-    artefact_size,
-    output_names,
-    planned_artefacts,
-)
-from dfineseg.utils.io import atomic_write_bytes
+from dfineseg.export.formats import ARTEFACTS, FORMATS, check_toolchains, planned_artefacts
+from dfineseg.export.parity import run_parity
+from dfineseg.export.parity_data import ParityData, torch_reference
+from dfineseg.export.publish import ExportRun, adopt_legacy_export, output_names
+from dfineseg.export.tolerances import tolerance_for
+from dfineseg.infer.metadata import ModelInfo
 from dfineseg.utils.outputs import OutputFolder
 
-Say = Callable[[str], None]
+if TYPE_CHECKING:  # torch is imported when an export starts, not when this module is
+    from dfineseg.export.context import Built
+    from dfineseg.export.tolerances import Tolerance
+    from dfineseg.model.model_file import ModelFile
 
 
 @dataclass
@@ -76,13 +68,10 @@ class ExportPlan:
     task: str
     names: list[str]
     category_ids: list[int]
-
-
-def _conf(cfg: Any, info: dict[str, Any]) -> float:
-    # A threshold given on the command line wins; otherwise the one the checkpoint was validated with.
-    if "conf" in cfg.eval.model_fields_set:
-        return float(cfg.eval.conf)
-    return float(info.get("conf", cfg.eval.conf))
+    info: ModelInfo  # the settings above as the metadata every artefact carries
+    int8_max_drop: float
+    int8_max_iterations: int | None
+    workspace_gb: float
 
 
 def export_folder(weights: Path, e: Any) -> Path:
@@ -90,36 +79,44 @@ def export_folder(weights: Path, e: Any) -> Path:
     return Path(e.out) if e.out else weights.parent
 
 
-def make_plan(weights: str | Path, cfg: Any, info: dict[str, Any]) -> ExportPlan:
+def make_plan(weights: str | Path, cfg: Any, opened: ModelFile) -> ExportPlan:
     e = cfg.export
     weights = Path(weights)
+    # Values given on the command line win; otherwise the checkpoint's own (model_file.deploy_info).
+    chosen = {key: getattr(section, key) for section, key in ((e, "imgsz"), (e, "topk"), (cfg.eval, "conf"))
+              if key in section.model_fields_set and getattr(section, key) is not None}
+    info = opened.deploy_info(**chosen)
     return ExportPlan(
         weights=weights,
         out=export_folder(weights, e),
         formats=list(dict.fromkeys(e.formats)),
         half=e.half,
         int8=e.int8,
-        imgsz=tuple(e.imgsz) if e.imgsz else tuple(info.get("imgsz") or cfg.data.imgsz),
+        imgsz=info.imgsz,
         batch=e.batch,
         dynamic_batch=e.dynamic_batch,
-        topk=e.topk,
+        topk=info.topk,
         opset=e.opset,
         simplify=e.simplify,
         gather_sampler=e.gather_sampler,
         parity=e.parity,
-        resize=str(info.get("resize") or cfg.data.resize),
-        conf=_conf(cfg, info),
-        task=str(info.get("task") or cfg.model.task),
-        names=list(info["names"]),
-        category_ids=list(info.get("category_ids") or range(len(info["names"]))),
+        resize=info.resize,
+        conf=info.conf,
+        task=info.task,
+        names=info.names,
+        category_ids=info.category_ids,
+        info=info,
+        int8_max_drop=e.int8_max_drop,
+        int8_max_iterations=e.int8_max_iterations,
+        workspace_gb=e.workspace_gb,
     )
 
 
 # ------------------------------------------------------------------------------------------ data
-def _dataset_path(cfg: Any, info: dict[str, Any]) -> str | None:
+def _dataset_path(cfg: Any, opened: ModelFile) -> str | None:
     if cfg.data.path:
         return cfg.data.path
-    trained_on = getattr(getattr(info.get("config"), "data", None), "path", None)
+    trained_on = opened.config.data.path
     return trained_on if trained_on and Path(trained_on).exists() else None
 
 
@@ -131,9 +128,9 @@ def _spread(items: list[Any], n: int) -> list[Any]:
     return [items[i] for i in idx]
 
 
-def load_data(cfg: Any, info: dict[str, Any], plan: ExportPlan, say: Say) -> tuple[ParityData, list[np.ndarray]]:
+def load_data(cfg: Any, opened: ModelFile, plan: ExportPlan, say: Say) -> tuple[ParityData, list[np.ndarray]]:
     """Validation images with ground truth (or generated images) for parity, and calibration images."""
-    path = _dataset_path(cfg, info)
+    path = _dataset_path(cfg, opened)
     n_raw = cfg.export.parity_images
     calib_n = cfg.export.int8_calib_size
     if path:
@@ -167,45 +164,20 @@ def load_data(cfg: Any, info: dict[str, Any], plan: ExportPlan, say: Say) -> tup
     return ParityData(images, None, source, plan.imgsz, plan.resize, plan.task, plan.conf, cfg.eval.iou, n_raw), calib
 
 
-# ------------------------------------------------------------------------------------------ runners
-def _ort_forward(path: Path) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-
-    def forward(batch: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(names, {"images": batch})))
-
-    return forward
-
-
-def _backend(path: Path, **options: Any) -> tuple[Callable[[np.ndarray], dict[str, np.ndarray]], int | None, dict[str, Any]]:
-    """The artefact opened the way users open it (the Predictor's backend), plus what actually runs."""
-    from dfineseg.infer.backends import load_backend
-
-    backend = load_backend(path, **options)
-    r = backend.runtime
-    runtime = {"backend": r.backend, "device": r.device, "precision": r.precision, "batch": r.batch, **r.extra}
-    return backend.forward, r.batch, runtime
-
-
-def check_finite_weights(model: Any, weights: Path, info: dict[str, Any]) -> None:
+def check_finite_weights(opened: ModelFile) -> None:
     """Refuse a checkpoint whose weights hold NaN/Inf: its outputs are NaN and every parity check would fail.
     The same rule the trainer applies before it saves (`nonfinite_weights`: the anchor caches excepted)."""
     import torch
 
-    from dfineseg.train.checkpoint import nonfinite_weights
+    from dfineseg.model.checkpoint import nonfinite_weights
 
-    state = model.state_dict()
+    state = opened.model.state_dict()
     bad = nonfinite_weights(state)
     if bad:
         name, tensor = bad[0], state[bad[0]]
-        which = "EMA weights" if info.get("ema") else "weights"
+        which = "EMA weights" if opened.ema else "weights"
         raise ExportError(
-            f"{weights}: the checkpoint's {which} are not finite: '{name}' holds {int((~torch.isfinite(tensor)).sum())} "
+            f"{opened.path}: the checkpoint's {which} are not finite: '{name}' holds {int((~torch.isfinite(tensor)).sum())} "
             f"NaN/Inf value(s) of {tensor.numel()}; training diverged or the file was damaged. Export an earlier "
             "checkpoint (e.g. last.pt vs best.pt, or one saved before the loss went NaN), or retrain with a lower lr"
         )
@@ -229,28 +201,14 @@ def export_model(weights: str | Path, cfg: Any, say: Say | None = _print) -> dic
     if not weights.is_file():
         raise ExportError(f"weights file not found: {weights} (pass weights=path/to/best.pt)")
     e = cfg.export
-    # Fail before any work when a requested toolchain is missing.
-    if "tensorrt" in e.formats:
-        from dfineseg.export.tensorrt_export import import_tensorrt, require_gpu
-
-        import_tensorrt()
-        require_gpu()
-    if "openvino" in e.formats:
-        from dfineseg.export.openvino_export import import_openvino
-
-        import_openvino()
-    if e.int8:
-        from dfineseg.export.int8 import import_nncf
-
-        import_nncf()
-    if e.int8 and "openvino" not in e.formats:
-        raise ExportError("export.int8=true quantises the OpenVINO model: add openvino to format= (e.g. format=openvino int8=true)")
+    formats = list(dict.fromkeys(e.formats))
+    check_toolchains(formats, e.half, e.int8)  # fail before any work when a requested toolchain is missing
 
     # Refuse before any work when an output would replace a file dfineseg did not write.
     folder = OutputFolder(export_folder(weights, e), command="export", protect=[weights])
-    keys = planned_artefacts(list(dict.fromkeys(e.formats)), e.half, e.int8)
+    keys = planned_artefacts(formats, e.half, e.int8)
     if not keys:
-        raise ExportError("nothing to export: pass format= one or more of onnx, openvino, tensorrt")
+        raise ExportError(f"nothing to export: pass format= one or more of {', '.join(FORMATS)}")
     adopted = adopt_legacy_export(folder)
     if adopted:
         say(f"{folder.root}: written by an earlier dfineseg (no output ledger); its export files are adopted: "
@@ -263,20 +221,16 @@ def export_model(weights: str | Path, cfg: Any, say: Say | None = _print) -> dic
     error: BaseException | None = None
     try:
         run.stage = folder.staging()
-        from dfineseg.model.dfine import DeployModel
-        from dfineseg.train.checkpoint import load_model_from_checkpoint
+        from dfineseg.model.model_file import load_model_file
 
-        model, info = load_model_from_checkpoint(weights)
-        check_finite_weights(model, weights, info)
-        plan = make_plan(weights, cfg, info)
+        opened = load_model_file(weights)
+        check_finite_weights(opened)
+        plan = make_plan(weights, cfg, opened)
         base["imgsz"] = list(plan.imgsz)
-        deploy = DeployModel(model, topk=plan.topk).eval()
-        base_meta = build_metadata(
-            task=plan.task, names=plan.names, category_ids=plan.category_ids, imgsz=plan.imgsz,
-            resize=plan.resize, conf=plan.conf, topk=plan.topk, precision="fp32",
-        )
+        base["topk"] = plan.topk
         with tempfile.TemporaryDirectory(prefix="dfineseg-parity-") as tmp:
-            _export_all(plan, cfg, info, deploy, model, base_meta, Path(tmp), say, run)
+            ctx = ExportContext(plan, run, say, Path(tmp), plan.info.to_metadata())
+            _export_all(ctx, cfg, opened)
     except OSError as exc:
         error = ExportError(
             f"export: {exc.filename or 'a file'}: {exc.strerror or exc}; if it is in the output folder "
@@ -302,35 +256,6 @@ def export_model(weights: str | Path, cfg: Any, say: Say | None = _print) -> dic
     return result
 
 
-@dataclass
-class ParitySession:
-    """PyTorch's reference answers for a checkpoint, to check artefacts made earlier (or by hand)."""
-
-    plan: ExportPlan
-    data: ParityData
-    reference: Reference
-
-    @staticmethod
-    def backend(path: Path, **options: Any) -> tuple[Callable[[np.ndarray], dict[str, np.ndarray]], int | None, dict[str, Any]]:
-        if Path(path).suffix == ".xml" or Path(path).is_dir():
-            options.setdefault("precision", "f32")
-        return _backend(Path(path), **options)
-
-
-def parity_session(weights: str | Path, cfg: Any, say: Say | None = None) -> ParitySession:
-    """The data and the PyTorch reference `export_model` uses, without the pre-top-K twin graph."""
-    from dfineseg.model.dfine import DeployModel
-    from dfineseg.train.checkpoint import load_model_from_checkpoint
-
-    model, info = load_model_from_checkpoint(weights)
-    check_finite_weights(model, Path(weights), info)
-    plan = make_plan(weights, cfg, info)
-    data, _ = load_data(cfg, info, plan, say or (lambda _m: None))
-    deploy = DeployModel(model, topk=plan.topk).eval()
-    names = ("scores", "labels", "boxes", "mask_logits") if plan.task == "segment" else ("scores", "labels", "boxes")
-    return ParitySession(plan, data, torch_reference(deploy, None, data, names))
-
-
 def export(cfg: Any, say: Say | None = _print) -> dict[str, Path]:
     """`dfineseg export`: the checkpoint comes from `cfg.export.weights`."""
     if not cfg.export.weights:
@@ -338,162 +263,47 @@ def export(cfg: Any, say: Say | None = _print) -> dict[str, Path]:
     return export_model(cfg.export.weights, cfg, say)
 
 
-def _export_all(
-    plan: ExportPlan, cfg: Any, info: dict[str, Any], deploy: Any, model: Any, base_meta: dict[str, str], tmp: Path,
-    say: Say, run: ExportRun,
-) -> None:
-    from dfineseg.export.onnx_export import RawOutputs, export_onnx
+def _export_all(ctx: ExportContext, cfg: Any, opened: ModelFile) -> None:
+    """The FP32 ONNX, the parity data and PyTorch's reference, then each planned artefact: build, check, settle."""
+    from dfineseg.export.onnx_export import RawOutputs, export_source, export_twin
+    from dfineseg.model.runner import deploy_module
 
-    e = cfg.export
-    common = dict(
-        imgsz=plan.imgsz, batch=plan.batch, dynamic_batch=plan.dynamic_batch, opset=plan.opset,
-        simplify=plan.simplify, gather_sampler=plan.gather_sampler,
-    )
-    # Every format starts from the FP32 ONNX: an error making it is the failure of the first artefact.
+    plan, run = ctx.plan, ctx.run
+    deploy = deploy_module(opened.model, plan.topk)
+    # Every format starts from the FP32 ONNX: an error making it (or loading the parity data, or computing
+    # the reference) is the failure of the first artefact.
     run.start(run.keys[0])
-    onnx_path = run.staged("onnx")
-    info_onnx = export_onnx(deploy, onnx_path, metadata=base_meta, **common)
-    note = "" if info_onnx.simplified else f" (not simplified: {info_onnx.simplify_error or 'simplify=false'})"
-    say(f"ONNX: exported ({artefact_size(onnx_path) / 1e6:.1f} MB, {info_onnx.seconds:.1f} s, opset {plan.opset}){note}")
-    onnx_rec = ArtefactRecord("onnx", onnx_path, "fp32", info_onnx.seconds, extra={
-        "simplified": info_onnx.simplified, "simplify_error": info_onnx.simplify_error, "op_counts": info_onnx.op_counts})
-
-    data: ParityData | None = None
-    ref: Reference | None = None
-    twin_onnx: Path | None = None
-    calib: list[np.ndarray] = []
+    ctx.source, onnx_info = export_source(ctx, deploy)
+    ctx.made["onnx"] = ctx.source.path
     if plan.parity or plan.int8:
-        data, calib = load_data(cfg, info, plan, say)
+        ctx.data, ctx.calib = load_data(cfg, opened, plan, ctx.say)
     if plan.parity:
-        assert data is not None
-        twin_onnx = tmp / "raw.onnx"
-        # Unsimplified: the twin only has to compute the same numbers, and simplifying it would double the time.
-        export_onnx(RawOutputs(model), twin_onnx, imgsz=plan.imgsz, batch=1, dynamic_batch=True, opset=plan.opset,
-                    simplify=False, gather_sampler=plan.gather_sampler, output_names=RAW_NAMES)
-        ref = torch_reference(deploy, RawOutputs(model), data, info_onnx.output_names)
-        f1_txt = f", F1 {ref.f1['f1']:.4f}" if ref.f1 else ""
-        say(f"PyTorch reference: {len(data.images)} images in {ref.seconds:.1f} s{f1_txt}")
+        assert ctx.data is not None
+        ctx.twin = export_twin(ctx, opened.model)
+        ctx.reference = torch_reference(deploy, RawOutputs(opened.model), ctx.data, onnx_info.output_names)
+        f1_txt = f", F1 {ctx.reference.f1['f1']:.4f}" if ctx.reference.f1 else ""
+        ctx.say(f"PyTorch reference: {len(ctx.data.images)} images in {ctx.reference.seconds:.1f} s{f1_txt}")
 
-    def check(rec: ArtefactRecord, forward: Any, fixed_batch: int | None, tol: Any, raw_forward: Any, runtime: dict) -> None:
-        if not plan.parity:
-            return
-        assert data is not None and ref is not None
-        # Judged here, in the staging folder; ExportRun.settle promotes it or keeps it aside and raises.
-        rec.parity = run_parity(rec.path, rec.precision, forward, fixed_batch, data, ref, tol, raw_forward, runtime,
-                                raise_on_failure=False)
-        say(f"  parity {rec.key}: " + ", ".join(_brief(c) for c in rec.parity.checks))
-
-    if "onnx" in plan.formats:
-        fwd, fixed, runtime = _backend(onnx_path)
-        check(onnx_rec, fwd, fixed, TOLERANCES["fp32"], _ort_forward(twin_onnx) if twin_onnx else None, runtime)
-        onnx_path = run.settle(onnx_rec)
-
-    fp16_path: Path | None = None
-    if "onnx_fp16" in run.keys:
-        rec = _write_fp16_onnx(onnx_path, run.start("onnx_fp16"), with_precision(base_meta, "fp16"), say)
-        if twin_onnx is not None:
-            _write_fp16_onnx(twin_onnx, tmp / "raw_fp16.onnx", {}, None)
-        fwd, fixed, runtime = _backend(rec.path)
-        check(rec, fwd, fixed, TOLERANCES["fp16"], _ort_forward(tmp / "raw_fp16.onnx") if twin_onnx else None, runtime)
-        fp16_path = run.settle(rec)
-
-    if "openvino" in plan.formats:
-        _openvino_all(plan, e, onnx_path, twin_onnx, base_meta, tmp, data, calib, check, say, run)
-
-    if "tensorrt" in plan.formats:
-        from dfineseg.export.tensorrt_export import build_engine
-
-        engine = run.start("tensorrt")
-        einfo = build_engine(
-            onnx_path, fp16_path, engine, imgsz=plan.imgsz, batch=plan.batch, dynamic_batch=plan.dynamic_batch,
-            max_batch=max(plan.batch, 8) if plan.dynamic_batch else plan.batch, workspace_gb=e.workspace_gb,
-            metadata=with_precision(base_meta, "fp16"),
-        )
-        say(f"TensorRT {einfo.tensorrt_version}: built ({artefact_size(engine) / 1e6:.1f} MB, {einfo.seconds:.1f} s)")
-        rec = ArtefactRecord("tensorrt", engine, "fp16", einfo.seconds, extra={
-            "tensorrt_version": einfo.tensorrt_version, "strongly_typed": einfo.strongly_typed})
-        fwd, fixed, runtime = _backend(engine, device="cuda")
-        check(rec, fwd, fixed, TOLERANCES["fp16"], None, runtime)
-        run.settle(rec)
-
-
-def _write_fp16_onnx(src: Path, dst: Path, metadata: dict[str, str], say: Say | None) -> ArtefactRecord:
-    import onnx
-
-    from dfineseg.export.fp16 import convert_to_fp16
-    from dfineseg.export.meta import write_onnx_metadata
-
-    t0 = time.perf_counter()
-    fp16 = convert_to_fp16(onnx.load(str(src)))
-    if metadata:
-        write_onnx_metadata(fp16, metadata)
-    atomic_write_bytes(dst, fp16.SerializeToString())
-    seconds = time.perf_counter() - t0
-    if say:
-        say(f"ONNX FP16: converted ({artefact_size(dst) / 1e6:.1f} MB, {seconds:.1f} s; float32 inputs/outputs, LayerNorm/Softmax in float32)")
-    return ArtefactRecord("onnx_fp16", dst, "fp16", seconds)
-
-
-def _openvino_all(plan, e, onnx_path, twin_onnx, base_meta, tmp, data, calib, check, say, run: ExportRun) -> None:
-    from dfineseg.export.openvino_export import (
-        PARITY_PRECISION_HINT,
-        compile_openvino,
-        compiled_forward,
-        export_openvino,
-    )
-
-    variants = [("openvino", "fp32", False)] + ([("openvino_fp16", "fp16", True)] if plan.half else [])
-    fp32_xml = None
-    for key, precision, compress in variants:
-        out_dir = run.start(key)
-        oinfo = export_openvino(onnx_path, out_dir, compress_fp16=compress, metadata=with_precision(base_meta, precision))
-        say(f"OpenVINO {precision}: converted ({artefact_size(out_dir) / 1e6:.1f} MB, {oinfo.seconds:.1f} s)")
-        rec = ArtefactRecord(key, out_dir, precision, oinfo.seconds, extra={"precision_hint": PARITY_PRECISION_HINT})
-        raw_fwd = None
-        if twin_onnx is not None:
-            twin = export_openvino(twin_onnx, tmp / f"raw_{key}", compress_fp16=compress, metadata={})
-            raw_fwd = compiled_forward(compile_openvino(twin.xml, PARITY_PRECISION_HINT))
-        # Compiled from the staging folder: the compiled model lives in memory, so renaming the folder
-        # afterwards (promotion) does not disturb it.
-        fwd, fixed, runtime = _backend(oinfo.xml, precision=PARITY_PRECISION_HINT)
-        check(rec, fwd, fixed, TOLERANCES[precision], raw_fwd, runtime)
-        final = run.settle(rec)
-        if key == "openvino":
-            fp32_xml = final / oinfo.xml.name
-    if plan.int8:
-        from dfineseg.export.int8 import quantize_int8
-
-        assert fp32_xml is not None and data is not None
-        out_dir = run.start("openvino_int8")
-        say(f"OpenVINO INT8: NNCF, {len(calib)} calibration images, max F1 drop {e.int8_max_drop} "
-            "(if the first INT8 model drops more, NNCF ranks every quantised layer: this can take many minutes)")
-        res = quantize_int8(
-            fp32_xml, out_dir, calibration_images=calib, data=data, max_drop=e.int8_max_drop,
-            metadata=base_meta, max_iterations=e.int8_max_iterations,
-        )
-        f1_txt = (
-            f"F1 float {res.float_f1:.4f} -> INT8 {res.int8_f1:.4f} (drop {res.f1_drop:+.4f}, max {res.max_drop})"
-            if res.f1_drop is not None else "F1 not measured"
-        )
-        say(f"OpenVINO INT8: quantised ({artefact_size(out_dir) / 1e6:.1f} MB, {res.seconds:.1f} s); {f1_txt}; {res.note}")
-        rec = ArtefactRecord("openvino_int8", out_dir, "int8", res.seconds, extra={"int8": res.to_dict()})
-        fwd, fixed, runtime = _backend(res.xml, precision=PARITY_PRECISION_HINT)
-        check(rec, fwd, fixed, int8_tolerance(e.int8_max_drop), None, runtime)
+    for key in run.keys:
+        artefact = ARTEFACTS[key]
+        built = artefact.make(ctx)
+        _check(ctx, built, tolerance_for(artefact.tolerance, plan.int8_max_drop))
         try:
-            run.settle(rec)
+            # Promoted over the older one, or kept aside as failed (and ParityError raised).
+            ctx.made[key] = run.settle(built.record)
         finally:
-            # The accuracy report names the IR where it now lives (promoted, or kept aside as failed).
-            if rec.path != out_dir and rec.path.is_dir():
-                res.xml = rec.path / res.xml.name
-                rec.extra["int8"] = res.to_dict()
-                atomic_write_bytes(rec.path / "int8_accuracy.json", json.dumps(res.to_dict(), indent=2).encode())
+            if built.settled is not None:
+                built.settled(built.record)
 
 
-def _brief(c: Any) -> str:
-    if c.value is None and not c.judged:
-        return f"{c.name} skipped"
-    if c.value is None:
-        return f"{c.name} {'ok' if c.passed else 'FAILED'}"
-    if not c.judged:
-        return f"{c.name} {c.value:.3g} (reported, not judged)"
-    return f"{c.name} {c.value:.3g}<={c.limit:.3g} {'ok' if c.passed else 'FAILED'}"
+def _check(ctx: ExportContext, built: Built, tol: Tolerance) -> None:
+    """Open the staged artefact the way users do (a file that does not load fails here, parity or not), and
+    with parity on compare it with PyTorch; the verdict is `ExportRun.settle`'s to act on."""
+    forward, fixed_batch, runtime = open_backend(built.opens, **built.options)
+    if not ctx.plan.parity:
+        return
+    assert ctx.data is not None and ctx.reference is not None
+    rec = built.record
+    rec.parity = run_parity(rec.path, rec.precision, forward, fixed_batch, ctx.data, ctx.reference, tol, built.twin,
+                            runtime, raise_on_failure=False)
+    ctx.say(f"  parity {rec.key}: " + ", ".join(c.brief() for c in rec.parity.checks))

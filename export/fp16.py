@@ -12,7 +12,7 @@ What stays float32, and why:
   top-k and the query mask embedding downstream of it) in float32 did not change the deviation from
   PyTorch (sorted scores 0.0113 vs 0.0111); casting the input alone to float16 moves them by 0.003 and
   1e-4 of input noise by 0.013, so that model's FP16 deviation is its own input sensitivity, which the
-  parity checks' noise floor measures (export/parity.py). The official D-FINE engines run the whole
+  parity checks' noise floor measures (export/tolerances.py). The official D-FINE engines run the whole
   network in FP16; the switch is here for a model that needs it;
 - inputs the ONNX spec fixes to float32 (Resize scales), and ops with no float16 form (Range).
 Graph inputs and outputs stay float32. Every tensor's type is tracked, so a Cast is inserted only where

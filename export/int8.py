@@ -17,17 +17,23 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dfineseg.export.context import Built, ExportContext
 from dfineseg.export.errors import ExportBackendUnavailable, ExportError
 from dfineseg.export.meta import write_openvino_metadata
 from dfineseg.export.openvino_export import PARITY_PRECISION_HINT, compiled_forward, import_openvino
-from dfineseg.export.parity import ParityData, detections_for, f1_of
+from dfineseg.export.parity_data import ParityData, detections_for, f1_of
+from dfineseg.export.publish import ArtefactRecord, artefact_size
+from dfineseg.infer.batching import chunks, forward_fixed, pad_batch
 from dfineseg.infer.postprocess import postprocess
 from dfineseg.infer.preprocess import preprocess
 from dfineseg.utils.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from dfineseg.export.formats import Artefact
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +81,9 @@ def sensitive_operations(model: Any, patterns: Sequence[str] = PRECISION_SENSITI
     return sorted(op.get_friendly_name() for op in model.get_ops() if any(c.match(op.get_friendly_name()) for c in compiled))
 
 
-def _chunks(items: Sequence[Any], n: int) -> list[list[Any]]:
-    return [list(items[i : i + n]) for i in range(0, len(items), n)]
-
-
 def _static_batch(model: Any) -> int | None:
     dim = model.inputs[0].get_partial_shape()[0]
     return dim.get_length() if dim.is_static else None
-
-
-def _pad(images: list[np.ndarray], n: int) -> list[np.ndarray]:
-    return images + [images[-1]] * (n - len(images))
 
 
 def quantize_int8(
@@ -111,9 +109,9 @@ def quantize_int8(
     imgsz, resize = data.imgsz, data.resize
 
     def to_input(chunk: list[np.ndarray]) -> np.ndarray:
-        return preprocess(_pad(chunk, step), imgsz, resize)[0]
+        return pad_batch(preprocess(chunk, imgsz, resize)[0], step)
 
-    calibration = nncf.Dataset(_chunks(list(calibration_images), step), to_input)
+    calibration = nncf.Dataset(list(chunks(calibration_images, step)), to_input)
     ignored = sensitive_operations(model)
     ignored_scope = nncf.IgnoredScope(names=ignored, validate=False) if ignored else None
 
@@ -133,7 +131,7 @@ def quantize_int8(
 
     try:
         if controlled:
-            items = list(zip(_chunks(data.images, step), _chunks(list(data.ground_truth), step)))
+            items = list(zip(chunks(data.images, step), chunks(data.ground_truth, step)))
             validation = nncf.Dataset(items, lambda item: to_input(item[0]))
 
             def validate(compiled: Any, batch_items: Any) -> tuple[float, list[float]]:
@@ -142,8 +140,8 @@ def quantize_int8(
                 dets_all: list[Any] = []
                 gts_all: list[Any] = []
                 for images, gts in batch_items:
-                    batch, metas = preprocess(_pad(list(images), step), imgsz, resize)
-                    dets = postprocess(forward(batch), metas, conf=data.conf)[: len(images)]
+                    batch, metas = preprocess(list(images), imgsz, resize)
+                    dets = postprocess(forward_fixed(forward, batch, step), metas, conf=data.conf)
                     dets_all.extend(dets)
                     gts_all.extend(gts)
                     per_item.append(_f1(dets, list(gts), data))
@@ -213,3 +211,33 @@ def _f1_of_model(model: Any, data: ParityData) -> float:
     fixed = _static_batch(model)
     f1 = f1_of(detections_for(compiled_forward(compiled), data, fixed), data)
     return float(f1["f1"]) if f1 else 0.0
+
+
+def build_int8(ctx: ExportContext, artefact: Artefact) -> Built:
+    """int8=true: the published FP32 IR quantised by NNCF (accuracy-controlled on the parity data's F1 when it
+    has ground truth); checked by its F1 drop at f32 compute precision for the float parts."""
+    plan = ctx.plan
+    assert ctx.data is not None  # loaded whenever int8 is on
+    fp32_xml = ctx.made["openvino"] / "model.xml"
+    out_dir = ctx.run.start(artefact.key)
+    ctx.say(f"OpenVINO INT8: NNCF, {len(ctx.calib)} calibration images, max F1 drop {plan.int8_max_drop} "
+            "(if the first INT8 model drops more, NNCF ranks every quantised layer: this can take many minutes)")
+    res = quantize_int8(
+        fp32_xml, out_dir, calibration_images=ctx.calib, data=ctx.data, max_drop=plan.int8_max_drop,
+        metadata=ctx.metadata, max_iterations=plan.int8_max_iterations,
+    )
+    f1_txt = (
+        f"F1 float {res.float_f1:.4f} -> INT8 {res.int8_f1:.4f} (drop {res.f1_drop:+.4f}, max {res.max_drop})"
+        if res.f1_drop is not None else "F1 not measured"
+    )
+    ctx.say(f"OpenVINO INT8: quantised ({artefact_size(out_dir) / 1e6:.1f} MB, {res.seconds:.1f} s); {f1_txt}; {res.note}")
+    record = ArtefactRecord(artefact.key, out_dir, artefact.precision, res.seconds, extra={"int8": res.to_dict()})
+
+    def settled(rec: ArtefactRecord) -> None:
+        # The accuracy report names the IR where it now lives (promoted, or kept aside as failed).
+        if rec.path != out_dir and rec.path.is_dir():
+            res.xml = rec.path / res.xml.name
+            rec.extra["int8"] = res.to_dict()
+            atomic_write_bytes(rec.path / "int8_accuracy.json", json.dumps(res.to_dict(), indent=2).encode())
+
+    return Built(record, res.xml, None, {"precision": PARITY_PRECISION_HINT}, settled)

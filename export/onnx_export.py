@@ -8,20 +8,24 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
 from torch import nn
 
+from dfineseg.export.context import Built, ExportContext, ort_forward
 from dfineseg.export.errors import ExportError
 from dfineseg.export.gather_sampler import use_gather_sampler
-from dfineseg.export.meta import write_onnx_metadata
+from dfineseg.export.meta import with_precision, write_onnx_metadata
+from dfineseg.export.publish import ArtefactRecord, artefact_size
+from dfineseg.infer.graph import INPUT_NAME, OUTPUT_NAMES, RAW_NAMES
 from dfineseg.utils.io import atomic_write_bytes
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from dfineseg.export.formats import Artefact
 
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("scores", "labels", "boxes", "mask_logits")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -189,3 +193,60 @@ def export_onnx(
         seconds=time.perf_counter() - t0,
         op_counts=counts,
     )
+
+
+# ------------------------------------------------------------------------------------------ export steps
+def export_source(ctx: ExportContext, deploy: nn.Module) -> tuple[ArtefactRecord, OnnxExportInfo]:
+    """The FP32 ONNX every format starts from, staged as the onnx artefact (published only with format=onnx)."""
+    plan = ctx.plan
+    path = ctx.run.staged("onnx")
+    info = export_onnx(deploy, path, metadata=ctx.metadata, imgsz=plan.imgsz, batch=plan.batch,
+                       dynamic_batch=plan.dynamic_batch, opset=plan.opset, simplify=plan.simplify,
+                       gather_sampler=plan.gather_sampler)
+    note = "" if info.simplified else f" (not simplified: {info.simplify_error or 'simplify=false'})"
+    ctx.say(f"ONNX: exported ({artefact_size(path) / 1e6:.1f} MB, {info.seconds:.1f} s, opset {plan.opset}){note}")
+    record = ArtefactRecord("onnx", path, "fp32", info.seconds, extra={
+        "simplified": info.simplified, "simplify_error": info.simplify_error, "op_counts": info.op_counts})
+    return record, info
+
+
+def export_twin(ctx: ExportContext, model: nn.Module) -> Path:
+    """The pre-top-K twin of the FP32 ONNX (`RawOutputs`), for the raw check; each format converts it as it
+    converts the artefact. Unsimplified: the twin only has to compute the same numbers, and simplifying it
+    would double the time."""
+    plan = ctx.plan
+    path = ctx.scratch / "raw.onnx"
+    export_onnx(RawOutputs(model), path, imgsz=plan.imgsz, batch=1, dynamic_batch=True, opset=plan.opset,
+                simplify=False, gather_sampler=plan.gather_sampler, output_names=RAW_NAMES)
+    return path
+
+
+def build_onnx(ctx: ExportContext, artefact: Artefact) -> Built:
+    """format=onnx: the FP32 ONNX `export_source` made first, checked as it is."""
+    assert ctx.source is not None
+    return Built(ctx.source, ctx.source.path, ort_forward(ctx.twin) if ctx.twin is not None else None)
+
+
+def write_fp16_onnx(src: Path, dst: Path, metadata: dict[str, str]) -> float:
+    """`src` converted to FP16 (`dfineseg.export.fp16`) into `dst`; returns the seconds it took."""
+    from dfineseg.export.fp16 import convert_to_fp16
+
+    t0 = time.perf_counter()
+    fp16 = convert_to_fp16(onnx.load(str(src)))
+    if metadata:
+        write_onnx_metadata(fp16, metadata)
+    atomic_write_bytes(dst, fp16.SerializeToString())
+    return time.perf_counter() - t0
+
+
+def build_fp16_onnx(ctx: ExportContext, artefact: Artefact) -> Built:
+    """half=true, and TensorRT 11's input: the FP32 ONNX converted to FP16, its twin converted alike."""
+    path = ctx.run.start(artefact.key)
+    seconds = write_fp16_onnx(ctx.made["onnx"], path, with_precision(ctx.metadata, "fp16"))
+    ctx.say(f"ONNX FP16: converted ({artefact_size(path) / 1e6:.1f} MB, {seconds:.1f} s; float32 inputs/outputs, "
+            "LayerNorm/Softmax in float32)")
+    twin = None
+    if ctx.twin is not None:
+        write_fp16_onnx(ctx.twin, ctx.scratch / "raw_fp16.onnx", {})
+        twin = ort_forward(ctx.scratch / "raw_fp16.onnx")
+    return Built(ArtefactRecord(artefact.key, path, artefact.precision, seconds), path, twin)

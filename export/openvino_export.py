@@ -10,12 +10,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dfineseg.export.context import Built, ExportContext
 from dfineseg.export.errors import ExportBackendUnavailable, ExportError
-from dfineseg.export.meta import write_openvino_metadata
+from dfineseg.export.meta import with_precision, write_openvino_metadata
+from dfineseg.export.publish import ArtefactRecord, artefact_size
+from dfineseg.infer.graph import OUTPUT_NAMES, RAW_NAMES
+
+if TYPE_CHECKING:
+    from dfineseg.export.formats import Artefact
 
 PARITY_PRECISION_HINT = "f32"
 
@@ -66,7 +72,7 @@ def compile_openvino(model_or_path: Any, precision_hint: str = PARITY_PRECISION_
 
 def compiled_forward(compiled: Any) -> Any:
     """A `batch -> {output name: array}` function over a compiled model (first known name of each output)."""
-    known = ("scores", "labels", "boxes", "mask_logits", "logits", "boxes_cxcywh")
+    known = (*OUTPUT_NAMES, *RAW_NAMES)
     names = []
     for out in compiled.outputs:
         tensor_names = out.get_names()
@@ -84,3 +90,22 @@ def compiled_forward(compiled: Any) -> Any:
 def compiled_precision(compiled: Any) -> str:
     value = compiled.get_property("INFERENCE_PRECISION_HINT")
     return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+
+def build_ir(ctx: ExportContext, artefact: Artefact) -> Built:
+    """format=openvino: the FP32 ONNX converted to an IR folder, FP32 weights or (half=true) FP16-compressed,
+    its twin converted alike; checked at f32 compute precision (PARITY_PRECISION_HINT)."""
+    key, precision = artefact.key, artefact.precision
+    compress = precision == "fp16"
+    out_dir = ctx.run.start(key)
+    info = export_openvino(ctx.made["onnx"], out_dir, compress_fp16=compress,
+                           metadata=with_precision(ctx.metadata, precision))
+    ctx.say(f"OpenVINO {precision}: converted ({artefact_size(out_dir) / 1e6:.1f} MB, {info.seconds:.1f} s)")
+    record = ArtefactRecord(key, out_dir, precision, info.seconds, extra={"precision_hint": PARITY_PRECISION_HINT})
+    twin = None
+    if ctx.twin is not None:
+        raw = export_openvino(ctx.twin, ctx.scratch / f"raw_{key}", compress_fp16=compress, metadata={})
+        twin = compiled_forward(compile_openvino(raw.xml, PARITY_PRECISION_HINT))
+    # Compiled from the staging folder: the compiled model lives in memory, so renaming the folder
+    # afterwards (promotion) does not disturb it.
+    return Built(record, info.xml, twin, {"precision": PARITY_PRECISION_HINT})

@@ -2,8 +2,8 @@
 over the older one, or kept aside under a name that says it failed; and `export_summary.json`, rewritten
 whatever happened, with each artefact's status (passed / failed / not-checked / not-run).
 
-`SPECS` is the one table of where each artefact lives and where a failed one goes. Nothing is written over
-a file dfineseg did not write (the ledger of `dfineseg.utils.outputs`).
+Where each artefact lives and where a failed one goes: the registry (`dfineseg.export.formats.ARTEFACTS`).
+Nothing is written over a file dfineseg did not write (the ledger of `dfineseg.utils.outputs`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dfineseg.export.errors import ParityError
+from dfineseg.export.formats import ARTEFACTS, Artefact
 from dfineseg.export.parity import ParityReport, report_path
 from dfineseg.utils.outputs import LEDGER, OutputFolder
 
@@ -30,49 +31,12 @@ def artefact_size(path: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------ artefacts
-@dataclass(frozen=True)
-class ArtefactSpec:
-    """Where an artefact lives in the out folder, and where a failed one is kept aside."""
-
-    key: str
-    name: str
-    failed: str
-    folder: bool = False
-
-    def files(self, name: str) -> list[str]:
-        """`name` plus the files next to it that belong to it (a file artefact's report, an engine's sidecar)."""
-        if self.folder:
-            return [name]
-        extra = [name + ".json"] if self.key == "tensorrt" else []
-        return [name, name + ".parity.json", *extra]
-
-
-SPECS: dict[str, ArtefactSpec] = {
-    "onnx": ArtefactSpec("onnx", "model.onnx", "model.failed.onnx"),
-    "onnx_fp16": ArtefactSpec("onnx_fp16", "model_fp16.onnx", "model_fp16.failed.onnx"),
-    "openvino": ArtefactSpec("openvino", "openvino", "openvino.failed", folder=True),
-    "openvino_fp16": ArtefactSpec("openvino_fp16", "openvino_fp16", "openvino_fp16.failed", folder=True),
-    "openvino_int8": ArtefactSpec("openvino_int8", "openvino_int8", "openvino_int8.failed", folder=True),
-    "tensorrt": ArtefactSpec("tensorrt", "model.engine", "model.failed.engine"),
-}
 SUMMARY_NAME = "export_summary.json"
-
-
-def planned_artefacts(formats: list[str], half: bool, int8: bool) -> list[str]:
-    """The artefact keys an export makes, in the order it makes them."""
-    keys = ["onnx"] if "onnx" in formats else []
-    if ("onnx" in formats and half) or "tensorrt" in formats:
-        keys.append("onnx_fp16")
-    if "openvino" in formats:
-        keys += ["openvino"] + (["openvino_fp16"] if half else []) + (["openvino_int8"] if int8 else [])
-    if "tensorrt" in formats:
-        keys.append("tensorrt")
-    return keys
 
 
 def output_names(keys: list[str]) -> list[str]:
     """Every name an export of `keys` may write in the out folder (checked before any work)."""
-    names = [n for k in keys for name in (SPECS[k].name, SPECS[k].failed) for n in SPECS[k].files(name)]
+    names = [n for k in keys for name in (ARTEFACTS[k].name, ARTEFACTS[k].failed) for n in ARTEFACTS[k].files(name)]
     return [*names, SUMMARY_NAME]
 
 
@@ -89,11 +53,11 @@ def adopt_legacy_export(folder: OutputFolder) -> list[str]:
         if not summary["weights"]:  # every summary dfineseg wrote names the checkpoint it exported
             return []
         keys = [k for k, entry in listed.items()
-                if k in SPECS and Path(entry["path"]).name == SPECS[k].name
+                if k in ARTEFACTS and Path(entry["path"]).name == ARTEFACTS[k].name
                 and Path(entry["path"]).resolve().parent == folder.root.resolve()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []  # not a summary dfineseg wrote: nothing is adopted
-    names = [n for k in keys for n in SPECS[k].files(SPECS[k].name)]
+    names = [n for k in keys for n in ARTEFACTS[k].files(ARTEFACTS[k].name)]
     return folder.adopt_legacy([*names, SUMMARY_NAME])
 
 
@@ -134,21 +98,21 @@ class ExportRun:
 
     def staged(self, key: str) -> Path:
         assert self.stage is not None
-        return self.stage / SPECS[key].name
+        return self.stage / ARTEFACTS[key].name
 
     def start(self, key: str) -> Path:
         self.current = key
         return self.staged(key)
 
-    def _move(self, spec: ArtefactSpec, staged: Path, name: str) -> Path:
+    def _move(self, spec: Artefact, staged: Path, name: str) -> Path:
         target = self.folder.promote(staged, name)
-        if spec.key == "tensorrt":
+        if spec.sidecar:
             sidecar = staged.with_name(staged.name + ".json")
             if sidecar.exists():
                 self.folder.promote(sidecar, name + ".json")
         return target
 
-    def _write_report(self, spec: ArtefactSpec, report: ParityReport, path: Path) -> None:
+    def _write_report(self, spec: Artefact, report: ParityReport, path: Path) -> None:
         report.artefact = str(path)
         report.write(path / "parity.json" if spec.folder else self.folder.claim(path.name + ".parity.json"))
 
@@ -164,7 +128,7 @@ class ExportRun:
 
     def settle(self, rec: ArtefactRecord) -> Path:
         """A made (and, with parity on, checked) artefact: promote it, or keep it aside and raise ParityError."""
-        spec = SPECS[rec.key]
+        spec = ARTEFACTS[rec.key]
         report = rec.parity
         passed = report is None or report.passed
         final = self._move(spec, rec.path, spec.name if passed else spec.failed)
@@ -199,7 +163,7 @@ class ExportRun:
         staged = self.staged(key) if self.stage is not None else None
         if staged is not None and (staged.exists() or staged.is_symlink()):
             try:
-                entry["path"] = str(self._move(SPECS[key], staged, SPECS[key].failed))
+                entry["path"] = str(self._move(ARTEFACTS[key], staged, ARTEFACTS[key].failed))
             except Exception as move_exc:  # noqa: BLE001 - the original error is the one to report
                 entry["kept_aside_error"] = str(move_exc)
         self.results[key] = entry
@@ -242,11 +206,11 @@ class ExportRun:
         earlier: dict[str, Any] = {}
         for entries in sources:
             for key, entry in entries.items():
-                if key in earlier or key not in SPECS or not isinstance(entry, dict) or not entry.get("path"):
+                if key in earlier or key not in ARTEFACTS or not isinstance(entry, dict) or not entry.get("path"):
                     continue
                 if self.results.get(key, {}).get("status") in ("passed", "not-checked"):
                     continue  # replaced by this run
-                if Path(entry["path"]).name == SPECS[key].name and Path(entry["path"]).exists():
+                if Path(entry["path"]).name == ARTEFACTS[key].name and Path(entry["path"]).exists():
                     earlier[key] = entry
         return earlier
 

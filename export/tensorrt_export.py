@@ -18,13 +18,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dfineseg.export.context import Built, ExportContext
 from dfineseg.export.errors import ExportBackendUnavailable, ExportError
-from dfineseg.export.meta import write_sidecar
+from dfineseg.export.meta import with_precision, write_sidecar
+from dfineseg.export.publish import ArtefactRecord, artefact_size
+from dfineseg.infer.graph import INPUT_NAME
 from dfineseg.utils.io import atomic_write_bytes
 
-INPUT_NAME = "images"
+if TYPE_CHECKING:
+    from dfineseg.export.formats import Artefact
 
 
 @dataclass
@@ -141,3 +145,19 @@ def build_engine(
          "max_batch": str(max(max_batch or batch, batch) if dynamic_batch else batch)},
     )
     return EngineInfo(engine_path, sidecar, str(trt.__version__), strongly_typed, Path(source), time.perf_counter() - t0)
+
+
+def build_tensorrt(ctx: ExportContext, artefact: Artefact) -> Built:
+    """format=tensorrt: an FP16 engine for this machine's GPU, from the FP16 ONNX (TensorRT 11) or the FP32
+    one (TensorRT 10); no twin (the raw check is skipped), checked on cuda."""
+    plan = ctx.plan
+    engine = ctx.run.start(artefact.key)
+    info = build_engine(
+        ctx.made["onnx"], ctx.made.get("onnx_fp16"), engine, imgsz=plan.imgsz, batch=plan.batch,
+        dynamic_batch=plan.dynamic_batch, max_batch=max(plan.batch, 8) if plan.dynamic_batch else plan.batch,
+        workspace_gb=plan.workspace_gb, metadata=with_precision(ctx.metadata, "fp16"),
+    )
+    ctx.say(f"TensorRT {info.tensorrt_version}: built ({artefact_size(engine) / 1e6:.1f} MB, {info.seconds:.1f} s)")
+    record = ArtefactRecord(artefact.key, engine, artefact.precision, info.seconds, extra={
+        "tensorrt_version": info.tensorrt_version, "strongly_typed": info.strongly_typed})
+    return Built(record, engine, None, {"device": "cuda"})

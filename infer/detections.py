@@ -172,10 +172,6 @@ class Detections:
         if self.masks is None:
             raise ValueError("these detections have no masks (a detection model); use boxes instead")
 
-    def mask_areas(self) -> np.ndarray:
-        self._require_masks()
-        return np.array([int(m.sum()) for m in self.masks], dtype=np.int64)
-
     def full_masks(self) -> np.ndarray:
         """bool (N,H0,W0): each crop pasted into an otherwise empty image-size mask."""
         self._require_masks()

@@ -88,9 +88,6 @@ class ImageFilesSource(Source):
             return [self.root]
         return list(self.files)
 
-    def image_names(self) -> dict[int, str]:
-        return {i: str(p) for i, p in enumerate(self.files, 1)}
-
     def _name(self, path: Path) -> str:
         if self.root is not None:
             try:

@@ -80,18 +80,6 @@ class GroundTruth:
                 raise ValueError(f"ground truth: {len(self.masks)} masks / {len(self.mask_origins)} origins for {n} boxes")
 
     @classmethod
-    def from_rles(cls, boxes, labels, rles: Sequence[dict], image_shape, iscrowd=None) -> GroundTruth:
-        crops = [rle_to_crop(r) for r in rles]
-        return cls(
-            boxes=boxes,
-            labels=labels,
-            image_shape=image_shape,
-            masks=[c for c, _ in crops],
-            mask_origins=np.array([o for _, o in crops], dtype=np.int64).reshape(-1, 2),
-            iscrowd=iscrowd,
-        )
-
-    @classmethod
     def empty(cls, image_shape, with_masks: bool = False) -> GroundTruth:
         return cls(
             np.zeros((0, 4)), np.zeros(0), image_shape, [] if with_masks else None, np.zeros((0, 2)) if with_masks else None

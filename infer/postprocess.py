@@ -25,9 +25,8 @@ import numpy as np
 
 from dfineseg.infer.boxes import box_iou
 from dfineseg.infer.detections import Detections, integer_boxes
+from dfineseg.infer.graph import MASK_LOGITS, OUTPUT_NAMES
 from dfineseg.infer.preprocess import ResizeMeta, boxes_to_original
-
-OUTPUT_NAMES = ("scores", "labels", "boxes", "mask_logits")
 
 
 def _as_output_dict(outputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
@@ -147,7 +146,7 @@ def postprocess(
     """
     out = _as_output_dict(outputs)
     scores, labels, boxes = out["scores"], out["labels"], out["boxes"]
-    logits = out.get("mask_logits")
+    logits = out.get(MASK_LOGITS)
     if scores.ndim != 2 or labels.shape != scores.shape or boxes.shape != scores.shape + (4,):
         raise ValueError(
             f"output shapes disagree: scores {scores.shape}, labels {labels.shape}, boxes {boxes.shape} "

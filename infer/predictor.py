@@ -24,7 +24,9 @@ from dfineseg.infer.backends import (
     RuntimeInfo,
     load_backend,
 )
+from dfineseg.infer.batching import pad_batch, run_images
 from dfineseg.infer.detections import Detections
+from dfineseg.infer.graph import MASK_LOGITS, OUTPUT_NAMES
 from dfineseg.infer.metadata import ModelInfo
 from dfineseg.infer.postprocess import postprocess
 from dfineseg.infer.preprocess import preprocess
@@ -48,7 +50,7 @@ class _ExternalBackend(Backend):
         self.runner = runner
         self.path = Path(str(getattr(runner, "path", "external")))
         self.metadata = metadata
-        self.output_names = ("scores", "labels", "boxes", "mask_logits")
+        self.output_names = OUTPUT_NAMES
         self.runtime = getattr(runner, "runtime", None) or RuntimeInfo(
             backend=str(getattr(runner, "backend_name", type(runner).__name__)),
             device=str(getattr(runner, "device", "cpu")),
@@ -119,9 +121,9 @@ class Predictor:
         except ModelFileError:
             be.close()
             raise
-        if info.task == "segment" and "mask_logits" not in be.output_names:
+        if info.task == "segment" and MASK_LOGITS not in be.output_names:
             be.close()
-            raise ModelFileError(f"{be.path}: metadata says task=segment but the graph has no 'mask_logits' output")
+            raise ModelFileError(f"{be.path}: metadata says task=segment but the graph has no '{MASK_LOGITS}' output")
         if tuple(be.runtime.input_hw) != tuple(info.imgsz):
             # the graph is the authority on what it accepts; the metadata only describes it
             info = replace(info, imgsz=tuple(be.runtime.input_hw))
@@ -219,10 +221,8 @@ class Predictor:
         _check_conf(thr)
         out: list[Detections] = []
         step = self.chunk_size(len(images))
-        for start in range(0, len(images), step):
-            chunk = list(images[start : start + step])
-            outputs, metas = self._forward_images(chunk)
-            out.extend(self._postprocess(outputs, metas, thr)[: len(chunk)])
+        for outputs, metas in run_images(self.backend.forward, images, self._preprocess, step, self.backend.runtime.batch):
+            out.extend(self._postprocess(outputs, metas, thr))
         return out
 
     def stream(
@@ -239,7 +239,7 @@ class Predictor:
         def batches() -> Iterator[tuple[np.ndarray, Any]]:
             for key, image in items:
                 batch, metas = self._preprocess([image])
-                yield self._pad(batch), (key, image, metas)
+                yield pad_batch(batch, self.backend.runtime.batch), (key, image, metas)
 
         for outputs, (key, image, metas) in self.backend.forward_stream(batches()):
             yield key, image, self._postprocess(outputs, metas, thr)[0]
@@ -267,20 +267,6 @@ class Predictor:
             return preprocess(list(images), self.info.imgsz, self.info.resize)
         except (TypeError, ValueError) as exc:  # to_rgb_uint8: shape, emptiness, dtype, float range
             raise InputImageError(f"cannot use this image: {exc}") from None
-
-    def _pad(self, batch: np.ndarray) -> np.ndarray:
-        """Fill a fixed-batch graph's remaining slots with zeros (their outputs are dropped)."""
-        fixed = self.backend.runtime.batch
-        if fixed is None or batch.shape[0] == fixed:
-            return batch
-        padded = np.zeros((fixed, *batch.shape[1:]), dtype=batch.dtype)
-        padded[: batch.shape[0]] = batch
-        return padded
-
-    def _forward_images(self, images: Sequence[np.ndarray]) -> tuple[dict[str, np.ndarray], list]:
-        batch, metas = self._preprocess(images)
-        outputs = self.backend.forward(self._pad(batch))
-        return outputs, metas
 
     def _postprocess(self, outputs: dict[str, np.ndarray], metas: list, conf: float) -> list[Detections]:
         n = len(metas)

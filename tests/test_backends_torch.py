@@ -15,8 +15,9 @@ from dfineseg.infer.predictor import Predictor  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     from dfineseg.config import Config
+    from dfineseg.model.checkpoint import save_checkpoint
     from dfineseg.model.dfine import build_model
-    from dfineseg.train.checkpoint import capture_rng, save_checkpoint
+    from dfineseg.train.rng_state import capture_rng
 
     cfg = Config()
     cfg.model.size = "tiny"

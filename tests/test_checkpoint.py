@@ -10,16 +10,11 @@ import pytest
 import torch
 
 from dfineseg.config import Config
+from dfineseg.model import checkpoint as ck
+from dfineseg.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dfineseg.model.dfine import build_model
-from dfineseg.train import checkpoint as ck
-from dfineseg.train.checkpoint import (
-    CheckpointError,
-    capture_rng,
-    load_checkpoint,
-    load_model_from_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
+from dfineseg.model.model_file import load_model_file
+from dfineseg.train.rng_state import capture_rng, restore_rng
 
 
 def _tiny_cfg(tmp_path) -> Config:
@@ -53,18 +48,20 @@ def test_roundtrip_weights_only_and_model_rebuilt_from_file_alone(tmp_path):
     assert raw["schema_version"] == ck.CHECKPOINT_SCHEMA and raw["names"] == ["a", "b"]
     assert isinstance(raw["rng"]["torch"], torch.Tensor)
 
-    loaded, info = load_model_from_checkpoint(path)
-    assert info["ema"] is True and info["names"] == ["a", "b"] and info["category_ids"] == [3, 7]
-    assert info["task"] == "segment" and info["imgsz"] == (64, 96)
+    opened = load_model_file(path)
+    loaded = opened.model
+    assert opened.ema is True and opened.names == ["a", "b"] and opened.category_ids == [3, 7]
+    assert opened.task == "segment" and opened.deploy_info().imgsz == (64, 96)
+    assert (opened.epoch, opened.step, opened.metrics) == (1, 3, {"mask_f1": 0.5})
     x = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
         ref = ema_model(x)["pred_logits"]
         got = loaded(x)["pred_logits"]
     assert torch.equal(ref, got)
-    raw_model, info2 = load_model_from_checkpoint(path, prefer_ema=False)
+    raw = load_model_file(path, prefer_ema=False)
     with torch.no_grad():
-        assert torch.equal(raw_model(x)["pred_logits"], model(x)["pred_logits"])
-    assert info2["ema"] is False
+        assert torch.equal(raw.model(x)["pred_logits"], model(x)["pred_logits"])
+    assert raw.ema is False
 
 
 def test_missing_truncated_and_foreign_files_give_clear_errors(tmp_path):

@@ -176,3 +176,47 @@ def test_short_form_in_a_yaml_file_names_the_full_key(tmp_path):
     exp.write_text("epochs: 3\n")
     with pytest.raises(ConfigError, match="train.epochs"):
         load_config(exp)
+
+
+# ------------------------------------------------------------------ the infer section: one schema (infer_cli.OPTIONS)
+def test_infer_section_is_checked_alike_by_train_config_and_infer_command(tmp_path):
+    from dfineseg.infer_cli import resolve_options
+
+    good = tmp_path / "good.yaml"
+    good.write_text("train:\n  epochs: 3\ninfer:\n  conf: 0.3\n  backend: onnxruntime\n  weights: m.onnx\n")
+    cfg = load_config(good)  # keys only `dfineseg infer` has (backend, the short form weights) are accepted
+    assert cfg.infer == {"conf": 0.3, "backend": "onnxruntime", "weights": "m.onnx"}
+    opts = resolve_options(["source=imgs"], config=good)
+    assert opts["conf"] == 0.3 and opts["backend"] == "onnxruntime" and opts["model"] == "m.onnx"
+    saved = tmp_path / "saved.yaml"
+    cfg.save(saved)  # kept as written: a run's config.yaml feeds `dfineseg infer config=...` the same options
+    assert resolve_options(["source=imgs"], config=saved) == opts
+
+    for text, message in [("infer:\n  cnof: 0.3\n", "unknown infer option 'cnof'; did you mean 'conf'?"),
+                          ("infer:\n  conf: 1.5\n", "infer option conf=1.5: expected a number in 0..1")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError) as train_err:
+            load_config(bad)
+        with pytest.raises(ConfigError) as infer_err:
+            resolve_options(["model=m.onnx", "source=imgs"], config=bad)
+        assert message in str(train_err.value) and message in str(infer_err.value)
+        assert str(bad) in str(train_err.value) and "infer" in str(train_err.value)
+    with pytest.raises(ConfigError, match="did you mean 'conf'"):
+        load_config(overrides=["infer.cnof=0.3"])
+
+
+def test_infer_section_of_older_saved_configs_still_loads():
+    # What the removed pydantic InferConfig wrote into every run's config.yaml and checkpoint.
+    old = {"model": None, "source": None, "out": "runs/infer", "conf": None, "device": "cpu", "half": False,
+           "precision": None, "threads": None, "save_images": True, "save_json": True, "save_txt": False,
+           "save_crops": False, "mask_alpha": 0.45}
+    assert load_config(overrides={"infer": old}).infer == old
+    assert Config.model_validate({"infer": None}).infer == {}
+
+
+def test_top_level_infer_option_names_are_suggested():
+    with pytest.raises(ConfigError, match="did you mean 'infer.save_json'"):
+        load_config(overrides=["save_json=false"])
+    with pytest.raises(ConfigError, match="did you mean 'infer'"):
+        load_config(overrides=["infr.conf=0.3"])

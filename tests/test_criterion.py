@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from dfineseg.config import LossConfig, ModelConfig
 from dfineseg.loss import aggregate_losses, build_criterion, total_loss
-from dfineseg.loss.criterion import ddf_loss, fdr_bin_values, fdr_targets, fgl_loss, mask_losses
+from dfineseg.loss.fdr import fdr_bin_values, fdr_targets
+from dfineseg.loss.functions import ddf_loss, fgl_loss, mask_losses
 
 # Loss values are read with float() on tensors that require grad; that is intended here.
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
@@ -159,6 +160,39 @@ def test_weights_come_from_config():
     assert torch.isclose(got["loss_fgl"], ref["loss_fgl"] * 2)
     assert torch.isclose(got["loss_vfl"], ref["loss_vfl"])
 
+
+
+# ------------------------------------------------------------------ the one table of loss terms
+def test_loss_table_drives_config_criterion_and_names():
+    from dfineseg.loss.terms import DEFAULT_TERM_WEIGHTS, LOSS_WEIGHTS, WEIGHT_KEY
+
+    cfg = LossConfig()
+    # The config's weight keys and defaults are the table's (and the papers': the keys users write).
+    assert {w.key: getattr(cfg, w.key) for w in LOSS_WEIGHTS} == {
+        "vfl": 1.0, "l1": 5.0, "giou": 2.0, "fgl": 0.15, "ddf": 1.5, "mask_bce": 1.0, "mask_dice": 1.0}
+    assert list(LossConfig.model_fields)[: len(LOSS_WEIGHTS)] == [w.key for w in LOSS_WEIGHTS]
+    assert build_criterion(cfg, 3).weights == DEFAULT_TERM_WEIGHTS
+    # Every name the criterion returns (final, aux, pre, enc, dn; both classification losses) is in the table.
+    out, targets = synthetic_outputs()
+    names = set(aggregate_losses(build_criterion(cfg, 3)(out, targets))) - {"loss", "num_sanitized"}
+    psl = LossConfig(position_supervised_cls=True)
+    names |= set(aggregate_losses(build_criterion(psl, 3)(out, targets))) - {"loss", "num_sanitized"}
+    assert names == set(WEIGHT_KEY)
+
+
+def test_unknown_weight_name_is_refused():
+    from dfineseg.loss import DFINESegCriterion, HungarianMatcher
+
+    with pytest.raises(ValueError, match="loss_boxx"):
+        DFINESegCriterion(3, HungarianMatcher(), weights={"loss_boxx": 2.0})
+
+
+def test_loss_table_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, dfineseg.config, dfineseg.loss.terms; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 # ------------------------------------------------------------------ classification and boxes
 def test_vfl_l1_giou_known_values():

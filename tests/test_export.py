@@ -24,7 +24,7 @@ CPU_ARTEFACTS = ("onnx", "openvino", "openvino_int8")
 
 
 def _config(trained_run, out, **export):  # noqa: F811
-    from dfineseg.train.checkpoint import config_from_checkpoint, load_checkpoint
+    from dfineseg.model.checkpoint import config_from_checkpoint, load_checkpoint
 
     cfg = config_from_checkpoint(load_checkpoint(trained_run.checkpoint))
     cfg.data.path = str(trained_run.data_yaml)
@@ -114,7 +114,7 @@ def test_openvino_irs_record_precision(exported):
 
 def test_fp16_artefacts_pass_parity(trained_run, tmp_path):  # noqa: F811
     from dfineseg.export.api import export_model
-    from dfineseg.export.parity import NOISE_FLOOR_FACTOR
+    from dfineseg.export.tolerances import NOISE_FLOOR_FACTOR
 
     cfg = _config(trained_run, tmp_path, formats=["onnx", "openvino"], half=True, dynamic_batch=True, parity_images=4)
     paths = export_model(trained_run.checkpoint, cfg, say=print)
@@ -195,18 +195,33 @@ def _corrupted_copy(src, dst, spread: float):
     return dst
 
 
+def _reference(trained_run, cfg):  # noqa: F811
+    """The parity data and PyTorch's reference `export_model` computes (without the pre-top-K twin)."""
+    from dfineseg.export.api import load_data, make_plan
+    from dfineseg.export.parity_data import torch_reference
+    from dfineseg.infer.graph import output_names
+    from dfineseg.model.model_file import load_model_file
+    from dfineseg.model.runner import deploy_module
+
+    opened = load_model_file(trained_run.checkpoint)
+    plan = make_plan(trained_run.checkpoint, cfg, opened)
+    data, _ = load_data(cfg, opened, plan, lambda _m: None)
+    return data, torch_reference(deploy_module(opened.model, plan.topk), None, data, output_names(plan.task))
+
+
 def test_a_corrupted_export_fails_parity(exported, trained_run, tmp_path):  # noqa: F811
-    from dfineseg.export.api import parity_session
+    from dfineseg.export.context import open_backend
     from dfineseg.export.errors import ParityError
-    from dfineseg.export.parity import TOLERANCES, run_parity
+    from dfineseg.export.parity import run_parity
+    from dfineseg.export.tolerances import TOLERANCES
 
     paths, _ = exported
     bad = _corrupted_copy(paths["onnx"], tmp_path / "model.onnx", 0.02)
 
-    session = parity_session(trained_run.checkpoint, _config(trained_run, tmp_path, parity_images=2))
-    forward, fixed, runtime = session.backend(bad)
+    data, reference = _reference(trained_run, _config(trained_run, tmp_path, parity_images=2))
+    forward, fixed, runtime = open_backend(bad)
     with pytest.raises(ParityError, match="parity with PyTorch failed"):
-        run_parity(bad, "fp32", forward, fixed, session.data, session.reference, TOLERANCES["fp32"], runtime=runtime)
+        run_parity(bad, "fp32", forward, fixed, data, reference, TOLERANCES["fp32"], runtime=runtime)
     report = json.loads((tmp_path / "model.onnx.parity.json").read_text())
     failed = {c["name"]: c for c in report["checks"] if not c["passed"]}
     assert not report["passed"] and "outputs" in failed and failed["outputs"]["value"] > 1e-4, report["checks"]
@@ -215,18 +230,17 @@ def test_a_corrupted_export_fails_parity(exported, trained_run, tmp_path):  # no
     # the fixture's scores by ~0.007, inside FP16's own fixed 1e-2; 25 % moved them by 0.06 with seed 2, inside
     # twice that fixture's floor of 0.043; the full spread moved them by 0.28.)
     worse = _corrupted_copy(paths["onnx"], tmp_path / "fp16" / "model.onnx", 1.0)
-    forward, fixed, runtime = session.backend(worse)
-    fp16_report = run_parity(worse, "fp16", forward, fixed, session.data, session.reference, TOLERANCES["fp16"],
+    forward, fixed, runtime = open_backend(worse)
+    fp16_report = run_parity(worse, "fp16", forward, fixed, data, reference, TOLERANCES["fp16"],
                              runtime=runtime, raise_on_failure=False)
     failed16 = {c.name: c for c in fp16_report.checks if not c.passed}
     assert "outputs" in failed16 and "noise_floor" in failed16["outputs"].detail, fp16_report.checks
-    # The untouched file passes the same session's checks.
+    # The untouched file passes the same reference's checks.
     good = tmp_path / "good" / "model.onnx"
     good.parent.mkdir()
     shutil.copy(paths["onnx"], good)
-    forward, fixed, _ = session.backend(good)
-    ok = run_parity(good, "fp32", forward, fixed, session.data, session.reference, TOLERANCES["fp32"],
-                    raise_on_failure=False)
+    forward, fixed, _ = open_backend(good)
+    ok = run_parity(good, "fp32", forward, fixed, data, reference, TOLERANCES["fp32"], raise_on_failure=False)
     assert ok.passed, [c for c in ok.checks if not c.passed]
 
 

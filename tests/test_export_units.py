@@ -264,7 +264,7 @@ def test_fp16_keeps_a_named_region_and_everything_after_it_in_float32(tmp_path):
 
 
 def _hand_made_f1_case(n_images: int):
-    from dfineseg.export.parity import ParityData
+    from dfineseg.export.parity_data import ParityData
     from dfineseg.infer.detections import Detections
     from dfineseg.infer.metrics import GroundTruth
 
@@ -282,7 +282,9 @@ def _hand_made_f1_case(n_images: int):
 
 
 def test_f1_check_sets_threshold_borderline_detections_aside_but_not_real_changes():
-    from dfineseg.export.parity import Tolerance, check_f1, f1_of
+    from dfineseg.export.parity_checks import check_f1
+    from dfineseg.export.parity_data import f1_of
+    from dfineseg.export.tolerances import Tolerance
 
     # 10 images, one object each; PyTorch finds 9 of them, one of which scores 0.505 (just above 0.5).
     data, dets = _hand_made_f1_case(10)
@@ -302,7 +304,9 @@ def test_f1_check_sets_threshold_borderline_detections_aside_but_not_real_change
 
 
 def test_fp16_f1_limit_allows_one_ground_truth_match_flip_not_two():
-    from dfineseg.export.parity import TOLERANCES, check_f1, f1_of
+    from dfineseg.export.parity_checks import check_f1
+    from dfineseg.export.parity_data import f1_of
+    from dfineseg.export.tolerances import TOLERANCES
 
     # 200 objects, PyTorch finds 150 (TP 150, FN 50). A box that slides off its object (IoU < 0.5) turns a
     # TP into an FP and an FN: F1 moves by 2 / (2 TP + FP + FN) = 2 / 350.
@@ -321,7 +325,8 @@ def test_fp16_f1_limit_allows_one_ground_truth_match_flip_not_two():
 
 
 def test_detections_check_counts_two_empty_masks_as_the_same_answer():
-    from dfineseg.export.parity import TOLERANCES, check_detections
+    from dfineseg.export.parity_checks import check_detections
+    from dfineseg.export.tolerances import TOLERANCES
     from dfineseg.infer.detections import Detections
 
     shape = (32, 32)
@@ -340,7 +345,8 @@ def test_detections_check_counts_two_empty_masks_as_the_same_answer():
 def test_fp16_outputs_check_judges_queries_that_can_become_detections():
     """FP16 judges the top-K entries PyTorch scores at least half the threshold (chaotic background queries
     far below it are reported, not judged); FP32 judges every entry from RELEVANT_SCORE up."""
-    from dfineseg.export.parity import TOLERANCES, check_outputs
+    from dfineseg.export.parity_checks import check_outputs
+    from dfineseg.export.tolerances import TOLERANCES
 
     scores = np.array([[0.9, 0.4, 0.08, 0.05]], np.float32)
     boxes = np.array([[[0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.7, 0.7], [0.2, 0.6, 0.4, 0.8], [0.6, 0.1, 0.8, 0.3]]],
@@ -369,7 +375,8 @@ def test_a_selection_swap_on_one_image_is_reported_but_on_most_images_fails():
     """A near-tie at the encoder's top-K swaps a query and nudges the others of that image (self-attention):
     on one image in eight that is reported, not judged; the same difference on every image is a broken
     artefact and fails."""
-    from dfineseg.export.parity import TOLERANCES, check_outputs
+    from dfineseg.export.parity_checks import check_outputs
+    from dfineseg.export.tolerances import TOLERANCES
 
     rng = np.random.default_rng(0)
     n, k = 8, 10
@@ -394,7 +401,9 @@ def test_a_selection_swap_on_one_image_is_reported_but_on_most_images_fails():
 def test_detections_noise_floor_is_per_kind_a_wobbly_box_does_not_excuse_a_lost_detection():
     """PyTorch's own boxes wobble under input noise (small objects: box IoU < 0.99) without any detection
     appearing or vanishing; that floor must not let an artefact lose detections."""
-    from dfineseg.export.parity import TOLERANCES, Reference, apply_noise_floor, check_detections
+    from dfineseg.export.parity_checks import apply_noise_floor, check_detections
+    from dfineseg.export.parity_data import Reference
+    from dfineseg.export.tolerances import TOLERANCES
 
     n = 10
     data, dets = _hand_made_f1_case(n)
@@ -421,3 +430,95 @@ def test_detections_noise_floor_is_per_kind_a_wobbly_box_does_not_excuse_a_lost_
     assert not lost.passed and lost.detail["unmatched"] == 3, lost
     # (One floor for the sum, 10, would have allowed up to 20 lost detections.)
     assert lost.value <= 2 * same_wobble.detail["noise_floor"]
+
+
+# ------------------------------------------------------------------------------------------ the format registry
+def test_the_registry_plans_each_format_and_option_in_build_order():
+    from dfineseg.export.formats import planned_artefacts
+
+    assert planned_artefacts(["onnx"], False, False) == ["onnx"]
+    assert planned_artefacts(["onnx"], True, True) == ["onnx", "onnx_fp16"]  # int8 is OpenVINO's
+    assert planned_artefacts(["openvino"], True, True) == ["openvino", "openvino_fp16", "openvino_int8"]
+    # TensorRT 11 parses the FP16 ONNX: it is made with the engine, half or not.
+    assert planned_artefacts(["tensorrt"], False, False) == ["onnx_fp16", "tensorrt"]
+    # The order is the registry's (what each artefact is built from comes first), not the request's.
+    assert planned_artefacts(["tensorrt", "openvino", "onnx"], False, True) == [
+        "onnx", "onnx_fp16", "openvino", "openvino_int8", "tensorrt"]
+    assert planned_artefacts([], True, True) == []
+
+
+def test_the_registry_names_every_file_an_export_may_write():
+    from dfineseg.export.formats import ARTEFACTS
+    from dfineseg.export.publish import output_names
+
+    assert {k: (a.name, a.failed) for k, a in ARTEFACTS.items()} == {
+        "onnx": ("model.onnx", "model.failed.onnx"),
+        "onnx_fp16": ("model_fp16.onnx", "model_fp16.failed.onnx"),
+        "openvino": ("openvino", "openvino.failed"),
+        "openvino_fp16": ("openvino_fp16", "openvino_fp16.failed"),
+        "openvino_int8": ("openvino_int8", "openvino_int8.failed"),
+        "tensorrt": ("model.engine", "model.failed.engine"),
+    }
+    assert output_names(["openvino", "tensorrt"]) == [
+        "openvino", "openvino.failed", "model.engine", "model.engine.parity.json", "model.engine.json",
+        "model.failed.engine", "model.failed.engine.parity.json", "model.failed.engine.json", "export_summary.json"]
+
+
+def test_every_build_step_and_toolchain_check_of_the_registry_exists():
+    """The registry names its steps as strings (imported when used): a typo would surface mid-export."""
+    import importlib
+
+    from dfineseg.export.formats import ARTEFACTS, FORMATS, OPTIONS
+    from dfineseg.export.tolerances import TOLERANCES
+
+    targets = [a.build for a in ARTEFACTS.values()]
+    targets += [t for f in FORMATS.values() for t in f.requires] + [t for o in OPTIONS.values() for t in o.requires]
+    for target in targets:
+        module, _, name = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), name)), target
+    for artefact in ARTEFACTS.values():
+        assert artefact.format in FORMATS and artefact.tolerance in {*TOLERANCES, "int8"}, artefact
+        assert artefact.when == "always" or artefact.when in OPTIONS, artefact
+    assert all(k in ARTEFACTS for f in FORMATS.values() for k in f.needs)
+
+
+def test_bench_rows_and_config_values_come_from_the_registry():
+    import subprocess
+    import sys
+    from typing import get_args
+
+    from dfineseg.config import BENCH_FORMATS, ConfigError, ExportConfig, build_config
+    from dfineseg.export.formats import BENCH_ROWS
+
+    assert get_args(get_args(ExportConfig.model_fields["formats"].annotation)[0]) == ("onnx", "openvino", "tensorrt")
+    assert get_args(BENCH_FORMATS) == ("torch", "onnx", "onnx-fp16", "ov-fp32", "ov-fp16", "ov-int8", "trt-fp16")
+    runs = {name: (artefact.entry if artefact else None, dict(row.options), artefact and artefact.export_settings())
+            for name, (row, artefact) in BENCH_ROWS.items()}
+    assert runs == {
+        "torch": (None, {}, None),
+        "onnx": ("model.onnx", {}, {"formats": ["onnx"]}),
+        "onnx-fp16": ("model_fp16.onnx", {}, {"formats": ["onnx"], "half": True}),
+        "ov-fp32": ("openvino/model.xml", {"precision": "f32"}, {"formats": ["openvino"]}),
+        "ov-fp16": ("openvino_fp16/model.xml", {}, {"formats": ["openvino"], "half": True}),
+        "ov-int8": ("openvino_int8/model.xml", {}, {"formats": ["openvino"], "int8": True}),
+        "trt-fp16": ("model.engine", {"device": "cuda"}, {"formats": ["tensorrt"]}),
+    }
+    with pytest.raises(ConfigError, match="'onnx', 'openvino' or 'tensorrt'"):
+        build_config({"export": {"formats": "onnx,tflite"}})
+    # The config reads the registry without importing a runtime: `import dfineseg.config` stays light.
+    heavy = ("torch", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt")
+    code = f"import sys, dfineseg.config; print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_int8_without_openvino_is_refused_before_any_work(tmp_path):
+    pytest.importorskip("nncf")
+    from dfineseg.config import build_config
+    from dfineseg.export.api import export_model
+
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(b"not read: the request is refused first")
+    cfg = build_config({"export": {"formats": ["onnx"], "int8": True, "out": str(tmp_path / "out")}})
+    with pytest.raises(ExportError, match="export.int8=true quantises the OpenVINO model: add openvino to format="):
+        export_model(weights, cfg, say=None)
+    assert not (tmp_path / "out").exists()

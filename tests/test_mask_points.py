@@ -9,7 +9,7 @@ import torch
 
 from dfineseg.config import LossConfig, ModelConfig
 from dfineseg.loss import DFINESegCriterion, build_criterion, total_loss
-from dfineseg.loss.criterion import mask_losses, point_mask_losses, roi_masks
+from dfineseg.loss.functions import mask_losses, point_mask_losses, roi_masks
 from dfineseg.loss.mask_points import MaskSource, matcher_points, roi_bounds, roi_points
 from dfineseg.loss.matcher import HungarianMatcher, mask_dice_cost, mask_focal_cost
 from dfineseg.model import build_model

@@ -29,9 +29,23 @@ def test_installed_names_import():
 
 
 def test_importing_dfineseg_and_infer_stays_light():
-    code = "import sys, dfineseg, dfineseg.infer, dfineseg.cli; print(sorted(m for m in ('torch','pydantic') if m in sys.modules))"
+    code = ("import sys, dfineseg, dfineseg.api, dfineseg.infer, dfineseg.cli; "
+            "print(sorted(m for m in ('torch','pydantic') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_python_api_is_the_functions_of_dfineseg_api():
+    import dfineseg
+    import dfineseg.export
+    import dfineseg.train
+    import dfineseg.val
+    from dfineseg import api
+
+    assert all(callable(getattr(api, name)) for name in ("train", "val", "export", "bench"))
+    assert callable(dfineseg.Predictor) and callable(dfineseg.bench)
+    # The layout's subpackages are plain modules: one way to call each command, no module made callable.
+    assert not any(callable(module) for module in (dfineseg.train, dfineseg.val, dfineseg.export))
 
 
 def test_regular_wheel_maps_folders_under_dfineseg(tmp_path):

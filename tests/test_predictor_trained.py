@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory):
     from dfineseg.export.api import export_model
-    from dfineseg.train.checkpoint import config_from_checkpoint, load_checkpoint
+    from dfineseg.model.checkpoint import config_from_checkpoint, load_checkpoint
 
     cfg = config_from_checkpoint(load_checkpoint(trained_run.checkpoint))
     cfg.export.formats = ["onnx", "openvino"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -155,11 +157,20 @@ def test_metadata_round_trip_and_schema_guard():
         decode_metadata({**flat, "category_ids": "[1]"})
 
 
-def test_metadata_reads_what_export_writes():
-    meta_mod = pytest.importorskip("dfineseg.export.meta")
+def test_deploy_settings_come_from_the_config_unless_the_caller_chooses():
+    """The one derivation export, the PyTorch backend and validation share: the caller's value wins,
+    otherwise the training config's (data.imgsz, data.resize, eval.conf, export.topk)."""
+    pytest.importorskip("torch")
+    from dfineseg.config import build_config
     from dfineseg.infer.metadata import decode_metadata
+    from dfineseg.model.model_file import deploy_info
 
-    flat = meta_mod.build_metadata(task="segment", names=["a", "b", "c"], category_ids=[1, 2, 5], imgsz=(640, 640),
-                                   resize="stretch", conf=0.5, topk=100, precision="fp16")
-    info = decode_metadata(flat)
-    assert (info.names, info.category_ids, info.imgsz, info.topk, info.conf) == (["a", "b", "c"], [1, 2, 5], (640, 640), 100, 0.5)
+    cfg = build_config({"data": {"imgsz": [320, 480], "resize": "letterbox"}, "eval": {"conf": 0.3},
+                        "export": {"topk": 50}, "model": {"task": "detect"}}, "test")
+    info = deploy_info(cfg, ["a", "b", "c"], [1, 2, 5])
+    assert (info.imgsz, info.resize, info.conf, info.topk, info.task) == ((320, 480), "letterbox", 0.3, 50, "detect")
+    chosen = deploy_info(cfg, ["a", "b", "c"], imgsz=(640, 640), conf=0.6, topk=10, precision="fp16")
+    assert (chosen.imgsz, chosen.conf, chosen.topk, chosen.category_ids, chosen.precision) == (
+        (640, 640), 0.6, 10, [0, 1, 2], "fp16")
+    decoded = decode_metadata(chosen.to_metadata())
+    assert decoded.version and dataclasses.replace(decoded, version="") == chosen  # the package version filled in

@@ -56,19 +56,28 @@ def test_yolo_and_coco_agree_and_check_is_clean(tmp_path):
             assert area is None or area > 0
 
 
-def test_loader_multiscale_train_batches_on_generated_data(tmp_path):
-    from dfineseg.config import DataConfig
-    from dfineseg.data.dataset import make_dataloader
+def test_training_batches_on_generated_data_are_multiscale(tmp_path):
+    """The training data path (`training_data` + `epoch_loader`, as the trainer builds them): multi-scale
+    batches of valid targets, and the epoch set on the dataset switches the last epoch's augmentations off."""
+    import torch
+
+    from dfineseg.config import build_config
+    from dfineseg.train.epoch_loader import batches, epoch_loader, training_data
 
     data = write_synthetic_dataset(tmp_path / "s", n_train=4, n_val=0, seed=1)
-    cfg = DataConfig(imgsz=64, workers=0)
-    cfg.augment.multiscale.p = 1.0
-    cfg.augment.multiscale.min_frac, cfg.augment.multiscale.max_frac = 0.5, 2.0
-    loader = make_dataloader(load_index(data, "train"), cfg, train=True, batch_size=2, epochs=2)
+    cfg = build_config({
+        "data": {"path": str(data), "imgsz": 64, "workers": 0,
+                 "augment": {"multiscale": {"p": 1.0, "min_frac": 0.5, "max_frac": 2.0}, "no_aug_last_epochs": 1}},
+        "train": {"batch": 2, "epochs": 3},
+    })
+    train_set, sampler = training_data(cfg, load_index(data, "train"))
     shapes = set()
     for epoch in range(3):
-        loader.batch_sampler.set_epoch(epoch)
-        for images, targets in loader:
+        loader = epoch_loader(train_set, sampler, epoch=epoch, epoch_batch=0, total_epochs=3, seed=0,
+                              device=torch.device("cpu"), workers=0)
+        assert train_set.epoch == epoch
+        assert train_set.augment.mosaic.enabled == (epoch < 2)  # no_aug_last_epochs: the total reached it too
+        for images, targets in batches(loader):
             b, c, h, w = images.shape
             assert (b, c) == (2, 3) and h % 32 == 0 and w % 32 == 0 and 0.0 <= images.min() and images.max() <= 1.0
             shapes.add((h, w))

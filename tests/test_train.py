@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dfineseg.config import build_config
-from dfineseg.train.checkpoint import load_checkpoint
+from dfineseg.model.checkpoint import load_checkpoint
 from dfineseg.train.trainer import Trainer, TrainingDiverged, increment_run_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: training tests run on one thread
@@ -114,7 +114,7 @@ def test_run_folder_increments_unless_exist_ok(tmp_path):
 
 
 def test_resume_from_best_pt_is_refused(small_data, tmp_path):
-    from dfineseg.train.checkpoint import CheckpointError
+    from dfineseg.model.checkpoint import CheckpointError
 
     Trainer(_cfg(small_data, tmp_path, "b", epochs=1)).fit()
     with pytest.raises(CheckpointError, match="last.pt"):
@@ -177,20 +177,72 @@ def test_budget_refit_plans_only_whole_epochs_that_fit(small_data, tmp_path):
 def test_sampler_order_is_seeded_per_epoch_resumable_and_split_across_ranks():
     from dfineseg.train.sampler import ResumableBatchSampler
 
-    s = ResumableBatchSampler(10, 3, seed=1, imgsz=(64, 64))
+    s = ResumableBatchSampler(10, 3, seed=1)
     s.set_epoch(2)
-    full = [[i for i, _, _ in b] for b in s]
+    full = [[i for i, _ in b] for b in s]
     s.set_epoch(2, start_batch=2)
-    assert [[i for i, _, _ in b] for b in s] == full[2:]  # a resume continues the same permutation
+    assert [[i for i, _ in b] for b in s] == full[2:]  # a resume continues the same permutation
     s.set_epoch(3)
-    assert [[i for i, _, _ in b] for b in s] != full  # a new order each epoch
+    assert [[i for i, _ in b] for b in s] != full  # a new order each epoch
     assert sorted(i for b in full for i in b) == list(range(10))
     ranks = [ResumableBatchSampler(10, 2, seed=1, rank=r, world_size=3) for r in range(3)]
     for r in ranks:
         r.set_epoch(0)
-    parts = [[i for b in r for i, _, _ in b] for r in ranks]
+    parts = [[i for b in r for i, _ in b] for r in ranks]
     assert len({len(p) for p in parts}) == 1  # equal work per rank (padded like DistributedSampler)
     assert set().union(*parts) == set(range(10))
+
+
+def test_multiscale_sizes_are_seeded_per_batch_and_survive_a_resume():
+    from dfineseg.train.sampler import MultiScaleRule, ResumableBatchSampler
+
+    rule = MultiScaleRule((320, 480), p=1.0, min_frac=0.5, max_frac=1.5, seed=1)
+    sizes = rule.sizes()
+    # Every size is a multiple of 32, spans 0.5x..1.5x of the height, and keeps the 320:480 aspect within
+    # one 32-pixel rounding step of the width.
+    assert all(h % 32 == 0 and w % 32 == 0 for h, w in sizes), sizes
+    assert sizes[0][0] == 160 and sizes[-1][0] == 480 and (320, 480) in sizes, sizes
+    assert all(abs(w - h * 480 / 320) <= 16 for h, w in sizes), sizes
+    sampler = ResumableBatchSampler(10, 4, seed=1, scale=rule)
+    epoch0 = _epoch(sampler, 0)
+    assert [len(b) for b in epoch0] == [4, 4, 2] and len(sampler) == 3
+    assert all(len({key[1] for key in batch}) == 1 for batch in epoch0)  # one size per batch
+    assert epoch0 == _epoch(sampler, 0)  # deterministic for (seed, epoch)
+    assert len({b[0][1] for e in range(4) for b in _epoch(sampler, e)}) > 1
+    assert _epoch(sampler, 0, start_batch=1) == epoch0[1:]  # a resume gets the same sizes
+    ranks = [ResumableBatchSampler(10, 2, seed=1, rank=r, world_size=2, scale=rule) for r in range(2)]
+    assert [b[0][1] for b in _epoch(ranks[0], 1)] == [b[0][1] for b in _epoch(ranks[1], 1)]  # ranks agree
+    # The sizes drawn are pinned: a run resumed by a newer version must see the sizes it would have seen.
+    half = MultiScaleRule((320, 480), p=0.5, min_frac=0.5, max_frac=1.5, seed=1)
+    assert [[half.size(e, b) for b in range(5)] for e in range(3)] == [
+        [(320, 480), (320, 480), (384, 576), (320, 480), (448, 672)],
+        [(256, 384), (320, 480), (320, 480), (288, 448), (416, 640)],
+        [(480, 704), (320, 480), (320, 480), (320, 480), (224, 320)],
+    ]
+    off = ResumableBatchSampler(4, 2, scale=MultiScaleRule((320, 320), p=1.0, off_epoch=0))
+    assert all(k[1] == (320, 320) for b in _epoch(off, 0) for k in b)
+    assert all(k[1] is None for b in _epoch(ResumableBatchSampler(4, 2), 0) for k in b)  # the dataset's imgsz
+
+
+def test_multiscale_rule_from_config_is_the_one_training_uses(small_data):
+    from dfineseg.data import load_index
+    from dfineseg.train.epoch_loader import training_data
+    from dfineseg.train.sampler import MultiScaleRule
+
+    cfg = _cfg(small_data, "unused", "x", seed=9)
+    cfg.data.augment.multiscale.p = 0.5
+    _, sampler = training_data(cfg, load_index(small_data, "train"))
+    ms = cfg.data.augment.multiscale
+    assert sampler.scale == MultiScaleRule((64, 64), p=0.5, min_frac=ms.min_frac, max_frac=ms.max_frac, seed=9,
+                                           off_epoch=ms.off_epoch)
+    cfg.data.augment.multiscale.p = 0.0
+    _, sampler = training_data(cfg, load_index(small_data, "train"))
+    assert {k[1] for e in range(3) for b in _epoch(sampler, e) for k in b} == {(64, 64)}  # off: data.imgsz
+
+
+def _epoch(sampler, epoch, start_batch=0):
+    sampler.set_epoch(epoch, start_batch)
+    return list(sampler)
 
 
 class _ScriptedValidation(Trainer):

@@ -11,7 +11,7 @@ from conftest import REPO_ROOT
 
 def test_two_process_ddp_run_finishes_and_rank0_writes_checkpoints(tmp_path):
     from dfineseg.data.synthetic import write_synthetic_dataset
-    from dfineseg.train.checkpoint import load_checkpoint
+    from dfineseg.model.checkpoint import load_checkpoint
 
     data_yaml = write_synthetic_dataset(tmp_path / "data", n_train=4, n_val=1, seed=1)
     cmd = [

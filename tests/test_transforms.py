@@ -234,32 +234,13 @@ def test_set_epoch_switches_augmentations_off():
     assert [step.enabled for step in aug.steps] == [False, False, True, False]  # hflip stays on
 
 
-def test_multiscale_batches_and_collate():
+def test_collate_stacks_one_size_per_batch():
     import torch
 
-    from dfineseg.data.dataset import MultiScaleBatchSampler, collate_fn
+    from dfineseg.data.dataset import collate_fn
 
-    sampler = MultiScaleBatchSampler(range(10), 4, (320, 480), p=1.0, min_frac=0.5, max_frac=1.5, seed=1)
-    sizes = sampler.sizes()
-    # Every size is a multiple of 32, spans 0.5x..1.5x of the height, and keeps the 320:480 aspect within
-    # one 32-pixel rounding step of the width.
-    assert all(h % 32 == 0 and w % 32 == 0 for h, w in sizes), sizes
-    assert sizes[0][0] == 160 and sizes[-1][0] == 480 and (320, 480) in sizes, sizes
-    assert all(abs(w - h * 480 / 320) <= 16 for h, w in sizes), sizes
-    batches = list(sampler)
-    assert [len(b) for b in batches] == [4, 4, 2] and len(sampler) == 3
-    for batch in batches:
-        assert len({key[1] for key in batch}) == 1 and all(key[2] == 0 for key in batch)
-    assert batches == list(sampler)  # deterministic for (seed, epoch)
-    assert len({b[0][1] for e in range(4) for b in _epoch(sampler, e)}) > 1
-    off = MultiScaleBatchSampler(range(4), 2, 320, p=1.0, off_epoch=0)
-    assert all(k[1] == (320, 320) for b in off for k in b)
+    # Multi-scale sizes (one per batch) are the training sampler's: tests/test_train.py.
     imgs, targets = collate_fn([(torch.zeros(3, 32, 64), {"a": 1}), (torch.ones(3, 32, 64), {"a": 2})])
     assert imgs.shape == (2, 3, 32, 64) and [t["a"] for t in targets] == [1, 2]
     with pytest.raises(ValueError, match="differ in size"):
         collate_fn([(torch.zeros(3, 32, 64), {}), (torch.zeros(3, 64, 64), {})])
-
-
-def _epoch(sampler, e):
-    sampler.set_epoch(e)
-    return list(sampler)

@@ -254,7 +254,7 @@ def test_export_refuses_a_users_file_and_an_unwritable_folder_up_front(tmp_path)
 
 # ------------------------------------------------------------------------------------------ exports (trained fixture)
 def _export_config(trained_run, out, **export):
-    from dfineseg.train.checkpoint import config_from_checkpoint, load_checkpoint
+    from dfineseg.model.checkpoint import config_from_checkpoint, load_checkpoint
 
     cfg = config_from_checkpoint(load_checkpoint(trained_run.checkpoint))
     cfg.data.path = str(trained_run.data_yaml)
@@ -273,7 +273,7 @@ def _summary(out: Path) -> dict:
 def test_a_failed_export_keeps_the_earlier_good_artefact_and_the_summary_says_so(trained_run, tmp_path, monkeypatch):
     from onnx import numpy_helper
 
-    from dfineseg.export import openvino_export, parity
+    from dfineseg.export import openvino_export, tolerances
     from dfineseg.export.api import export_model
     from dfineseg.export.errors import ParityError
 
@@ -317,7 +317,7 @@ def test_a_failed_export_keeps_the_earlier_good_artefact_and_the_summary_says_so
     # 2. The ONNX fails its check (a tolerance nothing can meet): model.onnx keeps its bytes, the new one is
     #    model.failed.onnx, the summary says failed / not run, and the error is raised after it was written.
     good_onnx = (out / "model.onnx").read_bytes()
-    monkeypatch.setitem(parity.TOLERANCES, "fp32", parity.Tolerance(raw=-1.0, f1=-1.0))
+    monkeypatch.setitem(tolerances.TOLERANCES, "fp32", tolerances.Tolerance(raw=-1.0, f1=-1.0))
     with pytest.raises(ParityError) as failure:
         export_model(trained_run.checkpoint, cfg, say=None)
     monkeypatch.undo()
@@ -352,9 +352,10 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_name(trained_run, tmp_path)
 
     from dfineseg.export.api import export_model, load_data, make_plan
     from dfineseg.export.errors import ExportError, ParityError
-    from dfineseg.export.parity import torch_reference
-    from dfineseg.model.dfine import DeployModel
-    from dfineseg.train.checkpoint import load_model_from_checkpoint
+    from dfineseg.export.parity_data import torch_reference
+    from dfineseg.infer.graph import OUTPUT_NAMES
+    from dfineseg.model.model_file import load_model_file
+    from dfineseg.model.runner import deploy_module
 
     ckpt = torch.load(trained_run.checkpoint, weights_only=True)
     name = next(k for k, v in ckpt["model"].items() if k.endswith("conv.weight") and v.is_floating_point())
@@ -372,11 +373,11 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_name(trained_run, tmp_path)
     assert summary["status"] == "failed" and name in summary["error"]
     assert summary["results"]["onnx"]["status"] == "not-run"
     # Past that guard (a model loaded some other way), parity names the reason instead of crashing.
-    model, info = load_model_from_checkpoint(bad)
-    plan = make_plan(bad, cfg, info)
-    data, _ = load_data(cfg, info, plan, lambda _m: None)
+    opened = load_model_file(bad)
+    plan = make_plan(bad, cfg, opened)
+    data, _ = load_data(cfg, opened, plan, lambda _m: None)
     with pytest.raises(ParityError, match="PyTorch reference outputs are not finite"):
-        torch_reference(DeployModel(model, topk=plan.topk).eval(), None, data, ("scores", "labels", "boxes", "mask_logits"))
+        torch_reference(deploy_module(opened.model, plan.topk), None, data, OUTPUT_NAMES)
 
 
 def test_export_report_never_overwrites_a_users_file_next_to_the_summary(tmp_path):
@@ -406,8 +407,7 @@ def test_export_report_never_overwrites_a_users_file_next_to_the_summary(tmp_pat
 def test_an_export_folder_an_earlier_dfineseg_wrote_is_adopted_from_its_summary(tmp_path):
     """Before ledgers: export_summary.json lists what dfineseg made there; those (and only those) may be
     replaced by a new export after its checks."""
-    from dfineseg.export.api import output_names
-    from dfineseg.export.publish import adopt_legacy_export
+    from dfineseg.export.publish import adopt_legacy_export, output_names
     from dfineseg.utils.outputs import OutputFolder
 
     (tmp_path / "model.onnx").write_bytes(b"old export")

@@ -79,13 +79,14 @@ def test_run_val_writes_files_and_f1_matches_independent_protocol(trained_run, t
 def test_predict_hook_accepts_any_callable(trained_run, tmp_path):  # noqa: F811
     """Exported backends plug in as `predict(images) -> list[Detections]`; here: the torch predictor
     wrapped, plus a predictor that finds nothing (F1 must drop to 0)."""
+    from dfineseg.infer.backends.torch import model_predictor
     from dfineseg.infer.detections import Detections
-    from dfineseg.train.checkpoint import load_model_from_checkpoint
-    from dfineseg.val import run_val, torch_predictor
+    from dfineseg.model.model_file import load_model_file
+    from dfineseg.val import run_val
 
-    model, info = load_model_from_checkpoint(trained_run.checkpoint)
+    opened = load_model_file(trained_run.checkpoint)
     calls = {"images": 0}
-    inner = torch_predictor(model, info["imgsz"], info["resize"], conf=0.01)
+    inner = model_predictor(opened.model, opened.deploy_info(), conf=0.01)
 
     def counting(images):
         calls["images"] += len(images)

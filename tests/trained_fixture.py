@@ -97,7 +97,7 @@ def write_fixture_data(root: Path) -> Path:
 
 
 def train_fixture(root: Path) -> TrainedRun:
-    from dfineseg.train.checkpoint import load_checkpoint, save_checkpoint
+    from dfineseg.model.checkpoint import load_checkpoint, save_checkpoint
     from dfineseg.train.trainer import Trainer
 
     data_yaml = write_fixture_data(root / "data")

@@ -1,15 +1,15 @@
-"""The torch side of the data: `SegmentationDataset`, `collate_fn`, multi-scale batches, a loader helper.
+"""The torch side of the data: `SegmentationDataset`, `collate_fn` and how loader workers start.
 
 Everything up to the final tensors is numpy/OpenCV (`transforms.py`); this module only converts.
 Augmentation randomness is drawn from a generator seeded by (seed, epoch, index), so a sample is the
-same whichever worker builds it, and runs are reproducible.
+same whichever worker builds it, and runs are reproducible. Which items go into a batch, and at which
+size, is the training sampler's (`dfineseg.train.sampler`).
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-from collections.abc import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -33,8 +33,9 @@ def _hw(imgsz) -> tuple[int, int]:
 class SegmentationDataset(torch.utils.data.Dataset):
     """(image float32 [3,H,W] RGB 0..1, target dict) per docs/ARCHITECTURE.md section 2.
 
-    A key is an index, or `(index, (H, W))`, or `(index, (H, W), epoch)` as `MultiScaleBatchSampler`
-    yields them (the epoch travels with the key, so persistent workers switch augmentations off on time).
+    A key is an index, or `(index, (H, W))` as the training sampler yields them (a size of None: `imgsz`).
+    The epoch is the dataset's own, set by `set_epoch` before each epoch's loader starts its workers (they
+    receive a copy); it seeds the augmentations and switches them off on time.
     An image that cannot be read is replaced by another one and counted in `failed` (per process).
     """
 
@@ -94,17 +95,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     # ------------------------------------------------------------ items
     def __getitem__(self, key):
-        hw, epoch = self.imgsz, self.epoch
+        hw = self.imgsz
         if isinstance(key, tuple | list):
-            i = int(key[0])
-            if len(key) > 1 and key[1] is not None:
-                hw = _hw(key[1])
-            if len(key) > 2 and key[2] is not None and int(key[2]) != epoch:
-                self.set_epoch(int(key[2]))
-                epoch = self.epoch
+            i, size = key
+            i = int(i)
+            if size is not None:
+                hw = _hw(size)
         else:
             i = int(key)
-        rng = np.random.default_rng([self.seed, epoch, i])
+        rng = np.random.default_rng([self.seed, self.epoch, i])
         sample = self._load_or_replace(i, rng)
         orig_size = sample.orig_size
         if self.train:
@@ -173,90 +172,11 @@ def to_tensors(sample: Sample, orig_size: tuple[int, int] | None = None) -> tupl
 
 
 def collate_fn(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
-    """Stack images (one size per batch: `MultiScaleBatchSampler` guarantees it) and keep targets as a list."""
+    """Stack images (one size per batch: the training sampler gives every key of a batch the same size) and
+    keep targets as a list."""
     images = [b[0] for b in batch]
     sizes = {tuple(im.shape) for im in images}
     if len(sizes) != 1:
-        raise ValueError(f"images of one batch differ in size {sorted(sizes)}; use MultiScaleBatchSampler")
+        raise ValueError(f"images of one batch differ in size {sorted(sizes)}; give every key of a batch the "
+                         "same (H, W), as dfineseg.train.sampler.ResumableBatchSampler does")
     return torch.stack(images), [b[1] for b in batch]
-
-
-class MultiScaleBatchSampler(torch.utils.data.Sampler):
-    """Batches of `(index, (H, W), epoch)`; with probability `p` a batch gets a random size between
-    `min_frac` and `max_frac` of `imgsz` (multiples of 32, aspect kept), else `imgsz`.
-
-    `sampler` is any index sampler (RandomSampler, DistributedSampler); `set_epoch` forwards to it.
-    Sizes depend only on (seed, epoch, batch number), so every rank picks the same size for a step.
-    """
-
-    def __init__(self, sampler: Iterable[int], batch_size: int, imgsz, p: float = 0.0, min_frac: float = 0.75,
-                 max_frac: float = 1.25, drop_last: bool = False, seed: int = 0, off_epoch: int | None = None):
-        self.sampler = sampler
-        self.batch_size = int(batch_size)
-        self.imgsz = _hw(imgsz)
-        self.p, self.min_frac, self.max_frac = float(p), float(min_frac), float(max_frac)
-        self.drop_last = drop_last
-        self.seed = int(seed)
-        self.off_epoch = off_epoch
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def sizes(self) -> list[tuple[int, int]]:
-        h, w = self.imgsz
-        lo = max(32, int(np.ceil(h * self.min_frac / 32)) * 32)
-        hi = max(lo, int(np.floor(h * self.max_frac / 32)) * 32)
-        return [(hh, max(32, round(hh * w / h / 32) * 32)) for hh in range(lo, hi + 1, 32)]
-
-    def _size(self, batch_no: int) -> tuple[int, int]:
-        active = self.p > 0 and (self.off_epoch is None or self.epoch < self.off_epoch)
-        rng = np.random.default_rng([self.seed, self.epoch, batch_no])
-        if not active or rng.random() >= self.p:
-            return self.imgsz
-        options = self.sizes()
-        return options[int(rng.integers(len(options)))]
-
-    def __iter__(self) -> Iterator[list[tuple[int, tuple[int, int], int]]]:
-        batch: list[int] = []
-        n = 0
-        for idx in self.sampler:
-            batch.append(int(idx))
-            if len(batch) == self.batch_size:
-                size = self._size(n)
-                yield [(i, size, self.epoch) for i in batch]
-                batch, n = [], n + 1
-        if batch and not self.drop_last:
-            size = self._size(n)
-            yield [(i, size, self.epoch) for i in batch]
-
-    def __len__(self) -> int:
-        n = len(self.sampler)  # type: ignore[arg-type]
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-
-def make_dataloader(index: DatasetIndex, data_cfg, train: bool, batch_size: int, seed: int = 0,
-                    workers: int | None = None, epochs: int | None = None, sampler=None) -> torch.utils.data.DataLoader:
-    """A DataLoader wired the standard way: multi-scale batches for training, fixed size for validation.
-
-    `data_cfg` is `Config.data` (imgsz, resize, workers, augment). Call `loader.batch_sampler.set_epoch(e)`
-    at the start of each epoch (it also carries the epoch to the workers' augmentations).
-    """
-    ds = SegmentationDataset(index, data_cfg.imgsz, train, data_cfg.augment, data_cfg.resize, seed=seed, epochs=epochs)
-    if sampler is None:
-        if train:
-            sampler = torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
-        else:
-            sampler = torch.utils.data.SequentialSampler(ds)
-    ms = data_cfg.augment.multiscale
-    batch_sampler = MultiScaleBatchSampler(
-        sampler, batch_size, data_cfg.imgsz, p=ms.p if train else 0.0, min_frac=ms.min_frac, max_frac=ms.max_frac,
-        drop_last=train and len(ds) >= batch_size, seed=seed, off_epoch=ms.off_epoch,
-    )
-    n_workers = data_cfg.workers if workers is None else workers
-    return torch.utils.data.DataLoader(
-        ds, batch_sampler=batch_sampler, collate_fn=collate_fn, persistent_workers=n_workers > 0, pin_memory=False,
-        **worker_options(n_workers),
-    )

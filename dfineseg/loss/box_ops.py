@@ -38,3 +38,18 @@ def elementwise_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     rb_c = torch.maximum(a[:, 2:], b[:, 2:])
     area_c = (rb_c - lt_c).clamp(min=0).prod(-1)
     return iou - (area_c - union) / area_c.clamp(min=1e-7)
+
+
+def paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of matching rows of (N,4) xyxy boxes -> (N,)."""
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
+    return inter / (area_a + area_b - inter).clamp(min=1e-7)
+
+
+def xyxy_clamped(cxcywh: torch.Tensor) -> torch.Tensor:
+    """cxcywh -> xyxy with negative sizes clamped to 0 (a degenerate prediction is a point, not inverted)."""
+    return box_convert(torch.cat([cxcywh[..., :2], cxcywh[..., 2:].clamp(min=0)], -1), "cxcywh", "xyxy")

@@ -1,19 +1,14 @@
-"""D-FINE-seg training losses over the model's training dict (docs/ARCHITECTURE.md section 3).
+"""D-FINE-seg training criterion over the model's training dict (docs/ARCHITECTURE.md section 3).
 
-Terms (weights from `LossConfig`, the papers' values by default):
-- classification: VFL (alpha 0.75, gamma 2; target = IoU at the GT class), or with the Stable-DINO switch
-  the position-supervised loss (seed 004 eq. 3): positives |t - p|^gamma * BCE(p, t) with t = IoU^2
-  divided by the image's largest IoU^2 (the paper's "highest equals 1.0" rescaling for 300 queries),
-  negatives p^gamma * BCE(p, 0). Key `loss_vfl`, or `loss_psl` when switched on (weight `vfl`).
-- boxes: L1 on cxcywh and 1 - GIoU (`loss_bbox`, `loss_giou`).
-- FGL (`loss_fgl`): cross-entropy of each edge's 33-bin distribution against the two bins around the GT
-  distance, linearly weighted, times the layer's IoU. DDF (`loss_ddf`): T^2 KL(teacher || layer), T=5,
-  the teacher being the last decoder layer; weighted by IoU for matched queries and the teacher's max
-  class probability for the rest; the matched and unmatched means are mixed by sqrt counts.
-- masks (segment): BCE inside the GT box's ROI normalised by the ROI's pixel count, and dice inside the
-  ROI, both averaged over matched instances that have a mask (D-FINE-seg section 3.3). Evaluated at points
-  inside the ROI (`loss.mask_points`, see dfineseg/loss/mask_points.py for the sampling and why it keeps
-  that semantics); an ROI with at most that many pixels (every ROI when it is 0) is evaluated exactly.
+It matches, picks the matched rows of every output and assembles the terms of functions.py, each
+multiplied by its weight (terms.py: one table of names, `loss:` config keys and the papers' defaults).
+Classification is `loss_vfl`, or `loss_psl` with the Stable-DINO switch (weight `vfl`); boxes `loss_bbox`,
+`loss_giou`; FGL/DDF `loss_fgl`, `loss_ddf` (DDF's teacher is the last decoder layer, weighted by IoU for
+matched queries and the teacher's max class probability for the rest, matched/unmatched means mixed by
+sqrt counts); masks (segment) `loss_mask_bce`, `loss_mask_dice`, on matched instances that have a mask,
+evaluated at points inside the GT box's ROI (`loss.mask_points`, see mask_points.py for the sampling and
+why it keeps the full-map semantics); an ROI with at most that many pixels (every ROI when it is 0) is
+evaluated exactly.
 
 Which matches feed which term follows the official code: classification and masks use each output's own
 Hungarian matches; boxes and FGL/DDF use the GO-LSD union over final, auxiliary, pre and encoder matches;
@@ -34,22 +29,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-from dfineseg.loss.box_ops import box_convert, elementwise_giou
+from dfineseg.loss.box_ops import box_convert, paired_iou, xyxy_clamped
+from dfineseg.loss.fdr import fdr_targets
+from dfineseg.loss.functions import (
+    box_losses,
+    ddf_loss,
+    fgl_loss,
+    point_mask_losses,
+    position_supervised_loss,
+    vfl_loss,
+)
 from dfineseg.loss.mask_points import MaskSource, roi_bounds, roi_points
 from dfineseg.loss.matcher import HungarianMatcher, Indices, downsample_masks, union_of_matches
+from dfineseg.loss.terms import DEFAULT_TERM_WEIGHTS, term_weights
 
-LOSS_NAMES = (
-    "loss_vfl",
-    "loss_psl",
-    "loss_bbox",
-    "loss_giou",
-    "loss_fgl",
-    "loss_ddf",
-    "loss_mask_bce",
-    "loss_mask_dice",
-)
 _SUFFIX = re.compile(r"_(aux_\d+|pre|enc_\d+|dn_\d+|dn_pre)$")
 
 
@@ -87,21 +81,6 @@ def _no_masks(out: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if k not in _MASK_KEYS}
 
 
-def _paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of matching rows of (N,4) xyxy boxes."""
-    lt = torch.maximum(a[:, :2], b[:, :2])
-    rb = torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
-    return inter / (area_a + area_b - inter).clamp(min=1e-7)
-
-
-def _xyxy_clamped(cxcywh: torch.Tensor) -> torch.Tensor:
-    """cxcywh -> xyxy with negative sizes clamped to 0 (a degenerate prediction is a point, not inverted)."""
-    return box_convert(torch.cat([cxcywh[..., :2], cxcywh[..., 2:].clamp(min=0)], -1), "cxcywh", "xyxy")
-
-
 def _src_idx(indices: Indices, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
     src = torch.cat([src for src, _ in indices]).to(device)
@@ -110,188 +89,6 @@ def _src_idx(indices: Indices, device: torch.device) -> tuple[torch.Tensor, torc
 
 def _gather_targets(targets: list[dict[str, Any]], indices: Indices, key: str) -> torch.Tensor:
     return torch.cat([t[key][tgt.to(t[key].device)] for t, (_, tgt) in zip(targets, indices)])
-
-
-def fdr_bin_values(reg_max: int, up: Any, reg_scale: Any) -> torch.Tensor:
-    """D-FINE's non-uniform bin positions W (reg_max + 1 values), e.g. -4, -2, -1.79, ..., 0, ..., 2, 4 for c=4.
-
-    The model's implementation, so the loss targets use exactly the bins the decoder integrates over. Imported
-    at call time: the decoder imports `dfineseg.loss` (box ops, denoising), so a top-level import would cycle.
-    """
-    from dfineseg.model.decoder import weighting_function
-
-    up_t = torch.as_tensor(up, dtype=torch.float32).reshape(-1)
-    c = torch.as_tensor(reg_scale, dtype=torch.float32, device=up_t.device).reshape(-1)
-    return weighting_function(reg_max, up_t, c)
-
-
-@torch.no_grad()
-def fdr_targets(
-    ref_cxcywh: torch.Tensor, gt_xyxy: torch.Tensor, reg_max: int, reg_scale: Any, up: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GT edge distances in bin space -> (left bin int64 [4M], left weight [4M], right weight [4M]).
-
-    Edge order per box is (left, top, right, bottom), as in the corner logits. Distances outside the bins
-    go wholly to the end bin.
-    """
-    values = fdr_bin_values(reg_max, up, reg_scale).to(ref_cxcywh.device)
-    c = torch.as_tensor(reg_scale, dtype=torch.float32, device=ref_cxcywh.device).reshape(-1)[0].abs()
-    cx, cy = ref_cxcywh[:, 0], ref_cxcywh[:, 1]
-    sx = ref_cxcywh[:, 2] / c + 1e-16
-    sy = ref_cxcywh[:, 3] / c + 1e-16
-    dist_ = (
-        torch.stack(
-            [
-                (cx - gt_xyxy[:, 0]) / sx,
-                (cy - gt_xyxy[:, 1]) / sy,
-                (gt_xyxy[:, 2] - cx) / sx,
-                (gt_xyxy[:, 3] - cy) / sy,
-            ],
-            -1,
-        ).reshape(-1)
-        - 0.5 * c
-    )
-    idx = (values[None, :] <= dist_[:, None]).sum(1) - 1
-    left = idx.clamp(0, reg_max - 1)
-    lv, rv = values[left], values[left + 1]
-    w_right = ((dist_ - lv) / (rv - lv)).clamp(0, 1)
-    w_right = torch.where(idx < 0, torch.zeros_like(w_right), w_right)
-    w_right = torch.where(idx >= reg_max, torch.ones_like(w_right), w_right)
-    return left, 1 - w_right, w_right
-
-
-# ------------------------------------------------------------------ loss terms (pure functions)
-def vfl_loss(
-    logits: torch.Tensor,
-    idx: tuple[torch.Tensor, torch.Tensor],
-    labels: torch.Tensor,
-    ious: torch.Tensor,
-    num_boxes: float,
-    alpha: float = 0.75,
-    gamma: float = 2.0,
-) -> torch.Tensor:
-    """Varifocal loss: positives BCE towards IoU weighted by IoU, negatives alpha * p^gamma * BCE(p, 0)."""
-    onehot = torch.zeros_like(logits)
-    onehot[idx[0], idx[1], labels] = 1.0
-    score = torch.zeros_like(logits)
-    score[idx[0], idx[1], labels] = ious.to(logits.dtype)
-    p = logits.sigmoid().detach()
-    weight = alpha * p.pow(gamma) * (1 - onehot) + score
-    return F.binary_cross_entropy_with_logits(logits, score, weight=weight, reduction="sum") / num_boxes
-
-
-def position_supervised_loss(
-    logits: torch.Tensor,
-    idx: tuple[torch.Tensor, torch.Tensor],
-    labels: torch.Tensor,
-    ious: torch.Tensor,
-    num_boxes: float,
-    gamma: float = 2.0,
-) -> torch.Tensor:
-    """Stable-DINO eq. 3 with t = IoU^2 rescaled so each image's largest t is 1."""
-    t = ious.to(logits.dtype).pow(2)
-    if t.numel():
-        per_image_max = torch.zeros(logits.shape[0], device=logits.device, dtype=t.dtype)
-        per_image_max = per_image_max.scatter_reduce(0, idx[0], t, reduce="amax", include_self=True)
-        t = t / per_image_max[idx[0]].clamp(min=1e-12)
-    onehot = torch.zeros_like(logits)
-    onehot[idx[0], idx[1], labels] = 1.0
-    target = torch.zeros_like(logits)
-    target[idx[0], idx[1], labels] = t
-    p = logits.sigmoid().detach()
-    weight = torch.where(onehot.bool(), (target - p).abs().pow(gamma), p.pow(gamma))
-    return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / num_boxes
-
-
-def box_losses(src: torch.Tensor, tgt: torch.Tensor, num_boxes: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L1 sum, (1 - GIoU) sum), both / num_boxes, for matched cxcywh rows."""
-    l1 = F.l1_loss(src, tgt, reduction="sum") / num_boxes
-    giou = elementwise_giou(_xyxy_clamped(src), box_convert(tgt, "cxcywh", "xyxy"))
-    return l1, (1 - giou).sum() / num_boxes
-
-
-def fgl_loss(
-    corners: torch.Tensor,
-    left: torch.Tensor,
-    w_left: torch.Tensor,
-    w_right: torch.Tensor,
-    ious: torch.Tensor,
-    num_boxes: float,
-) -> torch.Tensor:
-    """Fine-grained localisation: corners [4M, R+1] logits; IoU weight per box repeated over its 4 edges."""
-    ce = F.cross_entropy(corners, left, reduction="none") * w_left
-    ce = ce + F.cross_entropy(corners, left + 1, reduction="none") * w_right
-    return (ce * ious.repeat_interleave(4)).sum() / num_boxes
-
-
-def ddf_loss(
-    corners: torch.Tensor,
-    teacher: torch.Tensor,
-    weight: torch.Tensor,
-    matched: torch.Tensor,
-    num_pos: float,
-    num_neg: float,
-    temperature: float = 5.0,
-) -> torch.Tensor:
-    """Decoupled distillation: corners/teacher [E, R+1] logits, weight/matched [E] per edge."""
-    kl = F.kl_div(
-        F.log_softmax(corners / temperature, -1),
-        F.softmax(teacher.detach() / temperature, -1),
-        reduction="none",
-    ).sum(-1)
-    per_edge = weight.detach() * temperature**2 * kl
-    pos = per_edge[matched].mean() if matched.any() else per_edge.sum() * 0
-    neg = per_edge[~matched].mean() if (~matched).any() else per_edge.sum() * 0
-    return (pos * num_pos + neg * num_neg) / max(num_pos + num_neg, 1e-12)
-
-
-def roi_masks(boxes_cxcywh: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[M,4] normalised boxes -> bool [M,h,w]: the pixels a box touches (at least one pixel; `roi_bounds`)."""
-    h, w = size
-    x1, y1, x2, y2 = roi_bounds(boxes_cxcywh, size).unbind(-1)
-    xs = torch.arange(w, device=boxes_cxcywh.device)
-    ys = torch.arange(h, device=boxes_cxcywh.device)
-    inside_x = (xs[None] >= x1[:, None]) & (xs[None] < x2[:, None])
-    inside_y = (ys[None] >= y1[:, None]) & (ys[None] < y2[:, None])
-    return inside_y[:, :, None] & inside_x[:, None, :]
-
-
-def mask_losses(
-    logits: torch.Tensor, target: torch.Tensor, boxes_cxcywh: torch.Tensor, dice_eps: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Box-cropped (BCE per ROI pixel, dice inside the ROI), each averaged over the M instances."""
-    if logits.shape[0] == 0:
-        zero = logits.sum() * 0
-        return zero, zero
-    roi = roi_masks(boxes_cxcywh, tuple(logits.shape[-2:])).to(logits.dtype)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    bce = (bce * roi).sum((1, 2)) / roi.sum((1, 2))
-    prob = logits.sigmoid() * roi
-    tgt = target * roi
-    inter = (prob * tgt).sum((1, 2))
-    dice = 1 - (2 * inter + dice_eps) / (prob.sum((1, 2)) + tgt.sum((1, 2)) + dice_eps)
-    return bce.mean(), dice.mean()
-
-
-def point_mask_losses(
-    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, roi_area: torch.Tensor, dice_eps: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mask_losses` from points inside each ROI: logits/target/valid [M,K], roi_area [M] pixels.
-
-    BCE = mean over the valid points; dice sums are scaled by ROI pixels / valid points (1 when the points
-    are the whole ROI, which makes both terms equal to `mask_losses` on the full map)."""
-    if logits.shape[0] == 0:
-        zero = logits.sum() * 0
-        return zero, zero
-    v = valid.to(logits.dtype)
-    count = v.sum(1).clamp(min=1)
-    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * v).sum(1) / count
-    scale = roi_area.to(logits.dtype) / count
-    prob = logits.sigmoid() * v
-    tgt = target * v
-    inter = (prob * tgt).sum(1) * scale
-    dice = 1 - (2 * inter + dice_eps) / ((prob.sum(1) + tgt.sum(1)) * scale + dice_eps)
-    return bce.mean(), dice.mean()
 
 
 # ------------------------------------------------------------------ the criterion
@@ -315,17 +112,10 @@ class DFINESegCriterion(nn.Module):
             raise ValueError(f"task must be 'segment' or 'detect', got {task!r}")
         self.num_classes = num_classes
         self.matcher = matcher
-        default = {
-            "loss_vfl": 1.0,
-            "loss_psl": 1.0,
-            "loss_bbox": 5.0,
-            "loss_giou": 2.0,
-            "loss_fgl": 0.15,
-            "loss_ddf": 1.5,
-            "loss_mask_bce": 1.0,
-            "loss_mask_dice": 1.0,
-        }
-        self.weights = {**default, **(weights or {})}
+        unknown = sorted(set(weights or {}) - set(DEFAULT_TERM_WEIGHTS))
+        if unknown:  # a misspelt name would otherwise leave its term at the default weight, unnoticed
+            raise ValueError(f"unknown loss term(s) {unknown}; the terms are {sorted(DEFAULT_TERM_WEIGHTS)}")
+        self.weights = {**DEFAULT_TERM_WEIGHTS, **(weights or {})}
         self.alpha = alpha
         self.gamma = gamma
         self.task = task
@@ -421,7 +211,7 @@ class DFINESegCriterion(nn.Module):
         idx = _src_idx(cls_idx, device)
         labels = _gather_targets(tgts, cls_idx, "labels").to(device)
         gt = _gather_targets(tgts, cls_idx, "boxes").to(device)
-        ious = _paired_iou(_xyxy_clamped(out["pred_boxes"][idx].detach()), box_convert(gt, "cxcywh", "xyxy"))
+        ious = paired_iou(xyxy_clamped(out["pred_boxes"][idx].detach()), box_convert(gt, "cxcywh", "xyxy"))
         if self.position_supervised:
             res["loss_psl"] = position_supervised_loss(
                 out["pred_logits"], idx, labels, ious, num_cls, self.gamma
@@ -447,7 +237,7 @@ class DFINESegCriterion(nn.Module):
         bins = corners_all.shape[-1] // 4
         reg_max = bins - 1
         gt_xyxy = box_convert(gt_box, "cxcywh", "xyxy")
-        ious = _paired_iou(_xyxy_clamped(out["pred_boxes"][bidx].detach()), gt_xyxy)
+        ious = paired_iou(xyxy_clamped(out["pred_boxes"][bidx].detach()), gt_xyxy)
         left, wl, wr = fdr_targets(
             out["ref_points"][bidx].detach(), gt_xyxy, reg_max, ctx["reg_scale"], ctx["up"]
         )
@@ -578,25 +368,12 @@ class DFINESegCriterion(nn.Module):
         return res
 
 
-SetCriterion = DFINESegCriterion
-
-
 def build_criterion(loss_cfg: Any, num_classes: int, task: str = "segment") -> DFINESegCriterion:
     """`LossConfig` -> criterion with its matcher."""
-    weights = {
-        "loss_vfl": loss_cfg.vfl,
-        "loss_psl": loss_cfg.vfl,
-        "loss_bbox": loss_cfg.l1,
-        "loss_giou": loss_cfg.giou,
-        "loss_fgl": loss_cfg.fgl,
-        "loss_ddf": loss_cfg.ddf,
-        "loss_mask_bce": loss_cfg.mask_bce,
-        "loss_mask_dice": loss_cfg.mask_dice,
-    }
     return DFINESegCriterion(
         num_classes=num_classes,
         matcher=HungarianMatcher.from_config(loss_cfg, task),
-        weights=weights,
+        weights=term_weights(loss_cfg),
         alpha=loss_cfg.focal_alpha,
         gamma=loss_cfg.focal_gamma,
         task=task,

@@ -19,23 +19,12 @@ from torch import nn
 from dfineseg.infer.boxes import box_convert
 from dfineseg.loss.box_ops import inverse_sigmoid
 from dfineseg.loss.denoising import contrastive_denoising_group
+from dfineseg.loss.fdr import weighting_function
 
 
 def prior_bias(prob: float) -> float:
     """Logit bias that makes a fresh sigmoid head output `prob`."""
     return -math.log((1 - prob) / prob)
-
-
-def weighting_function(reg_max: int, up: torch.Tensor, reg_scale: torch.Tensor) -> torch.Tensor:
-    """The non-uniform bin positions W(n), n = 0..reg_max (reg_max + 1 values, symmetric around 0)."""
-    u1 = up.abs()[0] * reg_scale.abs()[0]
-    u2 = 2 * u1
-    step = (u1 + 1) ** (2 / (reg_max - 2))
-    half = reg_max // 2
-    exps = torch.arange(1, half, dtype=up.dtype, device=up.device)
-    right = step ** exps - 1
-    left = -(step ** exps.flip(0)) + 1
-    return torch.cat([-u2[None], left, torch.zeros_like(u1)[None], right, u2[None]])
 
 
 def distance2bbox(ref: torch.Tensor, dist: torch.Tensor, reg_scale: torch.Tensor) -> torch.Tensor:
@@ -257,17 +246,6 @@ class DFINEDecoder(nn.Module):
         nn.init.xavier_uniform_(self.enc_output.proj.weight)
         nn.init.xavier_uniform_(self.query_pos_head.layers[0].weight)
         nn.init.xavier_uniform_(self.query_pos_head.layers[1].weight)
-
-    def reset_class_parameters(self) -> None:
-        """Fresh initialisation of the class-dependent tensors (used when the class count changes)."""
-        cls_bias = prior_bias(0.01)
-        for head in (self.enc_score_head, *self.dec_score_head):
-            head.reset_parameters()
-            nn.init.constant_(head.bias, cls_bias)
-        if self.num_denoising > 0:
-            with torch.no_grad():
-                nn.init.normal_(self.denoising_class_embed.weight)
-                self.denoising_class_embed.weight[self.num_classes].zero_()
 
     def class_dependent_keys(self, prefix: str = "decoder.") -> list[str]:
         keys = [f"{prefix}enc_score_head.weight", f"{prefix}enc_score_head.bias"]

@@ -105,10 +105,6 @@ class DFINESeg(nn.Module):
             return pan, None
         return pan, ([bb[1], *pan] if self.mask_from_backbone else pan)
 
-    def detection_state_dict(self) -> dict[str, torch.Tensor]:
-        """The official D-FINE part of the state_dict (no mask head)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("mask_head.")}
-
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
         pan, mask_in = self.features(images)

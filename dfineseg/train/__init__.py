@@ -1,8 +1,5 @@
 """Training: the Trainer loop, EMA, optimizer groups and schedules, checkpoints, distributed helpers.
 
-Importing this package is cheap (no torch); `dfineseg.train(cfg)` calls `dfineseg.api.train`.
+Importing this package is cheap (no torch). The Python entry point is `dfineseg.api.train(cfg)`, which runs
+`dfineseg.train.trainer.Trainer(cfg).fit()`.
 """
-
-from dfineseg._callable import make_module_callable
-
-make_module_callable(__name__, "train")

@@ -1,5 +1,5 @@
-"""The training data loader: one epoch's batches from the resumable sampler (from any batch on), the
-multi-scale size rule for those batches, and a data-loader worker that died turned into one message."""
+"""The training data path: the dataset and batch sampler a run trains on, one epoch's batches from any
+batch on, and a data-loader worker that died turned into one message."""
 
 from __future__ import annotations
 
@@ -8,24 +8,21 @@ from typing import Any
 import torch
 
 from dfineseg.infer.errors import UserError
+from dfineseg.train.sampler import MultiScaleRule, ResumableBatchSampler
 
 
-def multiscale_sizer(cfg: Any):
-    """Per-batch input size for multi-scale training (data.augment.multiscale), None when it is off."""
-    from dfineseg.data.dataset import MultiScaleBatchSampler
+def training_data(cfg: Any, index: Any, rank: int = 0, world_size: int = 1) -> tuple[Any, ResumableBatchSampler]:
+    """(SegmentationDataset, ResumableBatchSampler) for the training split `index` under `cfg`."""
+    from dfineseg.data.dataset import SegmentationDataset
 
-    ms = cfg.data.augment.multiscale
-    if ms.p <= 0:
-        return None
-    # The dataset module's size rule (sizes from (seed, epoch, batch number)), applied to our batches.
-    rule = MultiScaleBatchSampler([], cfg.train.batch, cfg.data.imgsz, p=ms.p, min_frac=ms.min_frac,
-                                  max_frac=ms.max_frac, seed=cfg.train.seed, off_epoch=ms.off_epoch)
-
-    def size_for(epoch: int, batch_no: int) -> tuple[int, int]:
-        rule.epoch = epoch
-        return rule._size(batch_no)
-
-    return size_for
+    tcfg = cfg.train
+    # Augmentation randomness is drawn per item from (seed, epoch, index) inside the dataset, so it is
+    # the same with any number of workers and after a resume.
+    dataset = SegmentationDataset(index, cfg.data.imgsz, True, cfg.data.augment, cfg.data.resize,
+                                  seed=tcfg.seed, epochs=tcfg.epochs)
+    sampler = ResumableBatchSampler(len(dataset), tcfg.batch, seed=tcfg.seed, shuffle=True, rank=rank,
+                                    world_size=world_size, scale=MultiScaleRule.from_config(cfg))
+    return dataset, sampler
 
 
 def epoch_loader(train_set: Any, sampler: Any, *, epoch: int, epoch_batch: int, total_epochs: int, seed: int,
@@ -34,7 +31,8 @@ def epoch_loader(train_set: Any, sampler: Any, *, epoch: int, epoch_batch: int, 
     from dfineseg.data.dataset import collate_fn, worker_options
 
     sampler.set_epoch(epoch, epoch_batch)
-    # Before the workers start (they copy the dataset), so augmentation switch-off epochs apply.
+    # The one way the epoch reaches the dataset (augmentation seeds, switch-off epochs): set here, before
+    # the workers start, as each epoch's loader starts its own workers with a copy of the dataset.
     train_set.set_epoch(epoch, total_epochs)
     # The loader's own generator (seeded per epoch) feeds worker seeds, so it never draws from the
     # global RNG and the data order / augmentation seeds depend only on (seed, epoch).

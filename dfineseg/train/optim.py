@@ -180,9 +180,6 @@ class LRSchedule:
         self.total_steps = max(int(total_steps), self.step_count, 1)
         self._apply()
 
-    def get_last_lr(self) -> list[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,

@@ -8,11 +8,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dfineseg.loss.terms import PLOTTED_TERMS
 from dfineseg.utils.io import atomic_write_bytes
 
+# The loss panels come from the loss terms' table (a term the run did not compute is skipped).
 PLOT_KEYS = (
-    "train/loss", "train/loss_vfl", "train/loss_bbox", "train/loss_giou", "train/loss_fgl",
-    "train/loss_mask_bce", "train/loss_mask_dice", "lr/head", "val/mask_f1", "val/box_f1",
+    "train/loss", *(f"train/{name}" for name in PLOTTED_TERMS), "lr/head", "val/mask_f1", "val/box_f1",
     "val/mask_map50_95", "val/box_map50_95",
 )
 

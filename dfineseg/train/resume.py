@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from dfineseg.infer.errors import UserError
+from dfineseg.model.checkpoint import config_from_checkpoint
 from dfineseg.overrides import ConfigError
-from dfineseg.train.checkpoint import config_from_checkpoint
 
 # Settings that may differ from the checkpoint's on resume: they change neither the model, the data order
 # nor the optimisation up to the checkpoint, so the continued run is the same run. `train.epochs` re-plans
@@ -35,6 +35,8 @@ def _explicit_settings(cfg: Any) -> dict[str, Any]:
             value = getattr(section, name)
             if isinstance(value, BaseModel):
                 walk(value, values.get(name) or {}, f"{prefix}{name}.")
+            elif not prefix and name == "infer":  # a plain dict checked by infer_cli: key by key, as a section
+                out.update({f"infer.{key}": given for key, given in (values.get(name) or {}).items()})
             else:
                 out[f"{prefix}{name}"] = values.get(name)
 

@@ -22,25 +22,33 @@ from typing import Any
 import numpy as np
 
 from dfineseg.infer.errors import BackendUnavailableError, UserError
+from dfineseg.infer.graph import DETECTION_OUTPUTS as REQUIRED_OUTPUTS
+from dfineseg.infer.graph import INPUT_NAME, OUTPUT_NAMES
 
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("scores", "labels", "boxes", "mask_logits")
-REQUIRED_OUTPUTS = ("scores", "labels", "boxes")
 
-# Suffix -> backend module; folders are OpenVINO IR folders (export writes openvino/model.xml + .bin).
-SUFFIXES = {
-    ".pt": "torch",
-    ".pth": "torch",
-    ".onnx": "onnxruntime",
-    ".xml": "openvino",
-    ".engine": "tensorrt",
-    ".plan": "tensorrt",
-}
-BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+@dataclass(frozen=True)
+class Runtime:
+    """A backend module of this package, the file suffixes it opens, and how error messages name them."""
+
+    backend: str  # the module dfineseg.infer.backends.<backend>, with `open_backend(path, **options)`
+    suffixes: tuple[str, ...]
+    hint: str
+
+
+# The one table of runtimes: a new export format adds its row here (and its module); folders are OpenVINO
+# IR folders (export writes openvino/model.xml + .bin). The export side's table is dfineseg.export.formats.
+RUNTIMES = (
+    Runtime("torch", (".pt", ".pth"), ".pt (checkpoint)"),
+    Runtime("onnxruntime", (".onnx",), ".onnx"),
+    Runtime("openvino", (".xml",), ".xml or a folder holding one (OpenVINO IR)"),
+    Runtime("tensorrt", (".engine", ".plan"), ".engine (TensorRT)"),
+)
+SUFFIXES = {suffix: r.backend for r in RUNTIMES for suffix in r.suffixes}  # suffix -> backend module
+BACKENDS = tuple(r.backend for r in RUNTIMES)
 # Options any backend accepts; each uses those that apply to it and ignores the rest, so one call
 # (`Predictor.load(path, precision="f32", threads=4)`) works for every file type.
 KNOWN_OPTIONS = frozenset({"device", "precision", "threads", "performance", "num_requests", "half", "topk"})
-FORMAT_HINT = ".pt (checkpoint), .onnx, .xml or a folder holding one (OpenVINO IR), .engine (TensorRT)"
+FORMAT_HINT = ", ".join(r.hint for r in RUNTIMES)
 
 
 class PredictorError(UserError):

@@ -1,12 +1,13 @@
-"""PyTorch backend: a training checkpoint run through `DeployModel`, the same graph that export traces.
+"""PyTorch backend: a training checkpoint run through the exported graph's module (`DeployModel`).
 
 The only module under `dfineseg.infer` that imports torch, and only when a backend is opened, so an
-edge install without torch can still import everything else.
+edge install without torch can still import everything else. The checkpoint is opened and its
+deployment settings derived by `dfineseg.model.model_file`; the forward pass is the shared PyTorch
+runner (`dfineseg.model.runner`), the one validation and export's parity reference use too.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,39 +22,11 @@ from dfineseg.infer.backends import (
     UserError,
     import_runtime,
 )
-from dfineseg.infer.backends._common import metadata_imgsz, parse_device
+from dfineseg.infer.backends._common import parse_device
+from dfineseg.infer.graph import output_names
+from dfineseg.infer.metadata import ModelInfo
 
 _HALF = {"f16", "fp16", "half"}
-
-
-def _get(obj: Any, key: str, default: Any = None) -> Any:
-    if isinstance(obj, dict):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
-
-
-def checkpoint_metadata(info: Any, topk: int, task: str) -> dict[str, str]:
-    """The metadata map an export of this checkpoint would carry (same keys as ONNX metadata_props)."""
-    config = _get(info, "config") or {}
-    data = _get(config, "data") or {}
-    evaluation = _get(config, "eval") or {}
-    imgsz = _get(info, "imgsz") or _get(data, "imgsz") or (640, 640)
-    if isinstance(imgsz, int):
-        imgsz = (imgsz, imgsz)
-    names = list(_get(info, "names") or [])
-    category_ids = _get(info, "category_ids")
-    return {
-        "dfineseg_schema": "1",
-        "dfineseg_version": str(_get(info, "dfineseg_version") or ""),
-        "task": task,
-        "names": json.dumps(names),
-        "category_ids": json.dumps(list(category_ids) if category_ids is not None else list(range(len(names)))),
-        "imgsz": json.dumps([int(imgsz[0]), int(imgsz[1])]),
-        "resize": str(_get(info, "resize") or _get(data, "resize") or "stretch"),
-        "conf": json.dumps(float(_get(evaluation, "conf", 0.5) if _get(info, "conf") is None else _get(info, "conf"))),
-        "topk": json.dumps(int(topk)),
-        "precision": "fp32",
-    }
 
 
 class TorchBackend(Backend):
@@ -70,62 +43,81 @@ class TorchBackend(Backend):
         **_: Any,
     ) -> None:
         torch = import_runtime("torch", "torch")
-        self._torch = torch
-        self.path = Path(path)
         kind, index = parse_device(device, allowed=("cpu", "cuda", "auto"))
         if kind == "auto":
             kind = "cuda" if torch.cuda.is_available() else "cpu"
         if kind == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("device=cuda asked for, but this PyTorch has no CUDA GPU; use device=cpu")
-        self.device = torch.device(kind if index is None else f"{kind}:{index}")
-        self.half = bool(half) or (precision is not None and str(precision).lower() in _HALF)
-        if self.half and kind != "cuda":
+        half = bool(half) or (precision is not None and str(precision).lower() in _HALF)
+        if half and kind != "cuda":
             raise PredictorError("half precision with the PyTorch backend needs device=cuda (CPUs lack fp16 kernels)")
         if threads and kind == "cpu":
             torch.set_num_threads(int(threads))
 
-        from dfineseg.model.dfine import DeployModel
-        from dfineseg.train.checkpoint import load_model_from_checkpoint
+        from dfineseg.model.model_file import load_model_file
 
         try:
-            model, info = load_model_from_checkpoint(self.path)
+            opened = load_model_file(Path(path))
         except UserError as exc:  # CheckpointError etc.: already a clear message; keep one error type
             raise ModelFileError(str(exc)) from None
         except Exception as exc:  # pickle/zip errors from a truncated or foreign file
             raise ModelFileError(
-                f"{self.path}: not a readable dfineseg checkpoint ({type(exc).__name__}: {str(exc)[:300]})"
+                f"{path}: not a readable dfineseg checkpoint ({type(exc).__name__}: {str(exc)[:300]})"
             ) from None
-        task = _get(info, "task") or ("segment" if getattr(model, "mask_head", None) is not None else "detect")
-        # the same K an export of this checkpoint would use, so both give the same detections
-        self.topk = int(topk or _get(_get(_get(info, "config"), "export"), "topk") or 100)
-        self.model = DeployModel(model, topk=self.topk).eval().to(self.device)
-        if self.half:
-            self.model = self.model.half()
-        self.metadata = checkpoint_metadata(info, self.topk, task)
-        self.output_names = ("scores", "labels", "boxes", "mask_logits") if task == "segment" else ("scores", "labels", "boxes")
+        # topk=None: the K an export of this checkpoint would use, so both give the same detections
+        info = opened.deploy_info(topk=topk)
+        self._setup(opened.model, info, torch.device(kind if index is None else f"{kind}:{index}"), half, Path(path))
+
+    @classmethod
+    def from_model(cls, model: Any, info: ModelInfo, device: Any = "cpu", path: str | Path = "<in memory>") -> TorchBackend:
+        """A backend over a model already in memory (the trainer's EMA model, a checkpoint opened by the caller)."""
+        import torch
+
+        backend = cls.__new__(cls)
+        backend._setup(model, info, torch.device(device), False, Path(str(path)))
+        return backend
+
+    def _setup(self, model: Any, info: ModelInfo, device: Any, half: bool, path: Path) -> None:
+        import torch
+
+        from dfineseg.model.runner import graph_forward
+
+        self.path = path
+        self.device = device
+        self.half = half
+        self.topk = int(info.topk)
+        self.output_names = output_names(info.task)
+        self._forward = graph_forward(model, info.task, self.topk, device, half)
+        self.metadata = info.to_metadata()
         self.runtime = RuntimeInfo(
             backend=self.name,
-            device=str(self.device),
-            precision="fp16" if self.half else "fp32",
+            device=str(device),
+            precision="fp16" if half else "fp32",
             batch=None,
-            input_hw=metadata_imgsz(self.metadata) or (640, 640),
+            input_hw=tuple(info.imgsz),
             extra={"torch": torch.__version__},
         )
 
     def forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        torch = self._torch
-        batch = self._check_batch(batch)
-        x = torch.from_numpy(batch).to(self.device)
-        if self.half:
-            x = x.half()
-        with torch.inference_mode():
-            outs = self.model(x)
-        if isinstance(outs, dict):
-            outs = tuple(outs[n] for n in self.output_names)
-        return {
-            name: (t.float() if t.is_floating_point() else t).cpu().numpy() for name, t in zip(self.output_names, outs)
-        }
+        return self._forward(self._check_batch(batch))
 
 
 def open_backend(path: Path, **options: Any) -> TorchBackend:
     return TorchBackend(path, **options)
+
+
+def model_predictor(
+    model: Any, info: ModelInfo, device: Any = "cpu", conf: float | None = None, nms_iou: float | None = None,
+    class_conf: Any = None, batch_size: int | None = None,
+) -> Any:
+    """`predict(images) -> list[Detections]` for a model in memory, through the Predictor (the shared
+    preprocess, batching and postprocess every exported backend uses): training-time validation and
+    `dfineseg val` on a checkpoint score exactly what deployment would return.
+
+    info: the deployment settings (`dfineseg.model.model_file.deploy_info`); conf defaults to info.conf.
+    """
+    from dfineseg.infer.predictor import Predictor
+
+    backend = TorchBackend.from_model(model, info, device)
+    predictor = Predictor(backend, info, conf=conf, class_conf=class_conf, nms_iou=nms_iou, batch_size=batch_size)
+    return predictor.predict_batch

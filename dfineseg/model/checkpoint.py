@@ -2,7 +2,7 @@
 
 `torch.load(path, weights_only=True)` reads every file written here (no pickled classes), so loading a
 checkpoint from somewhere else cannot run code. RNG states are stored as tensors and lists for the same
-reason. Layout (docs/ARCHITECTURE.md section 6): schema_version, dfineseg_version, config, names,
+reason (`dfineseg.train.rng_state`). Layout (docs/ARCHITECTURE.md section 6): schema_version, dfineseg_version, config, names,
 category_ids, model, ema, ema_updates, optimizer, scheduler, scaler, epoch, step, rng, metrics,
 best_fitness, plus trainer bookkeeping (epoch_step, nonfinite_steps, elapsed_s, total_epochs).
 """
@@ -12,12 +12,10 @@ from __future__ import annotations
 import copy
 import errno
 import pickle
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dfineseg.infer.errors import UserError
@@ -60,44 +58,6 @@ def migrate(ckpt: dict[str, Any], source: str = "checkpoint") -> dict[str, Any]:
         version += 1
         ckpt["schema_version"] = version
     return ckpt
-
-
-# ---------------------------------------------------------------- RNG states as tensors and lists
-def capture_rng() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "name": str(np_state[0]),
-            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            np_state["name"],
-            np_state["keys"].numpy().astype(np.uint32),
-            int(np_state["pos"]),
-            int(np_state["has_gauss"]),
-            float(np_state["cached_gaussian"]),
-        )
-    )
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in state["cuda"]])
 
 
 # ---------------------------------------------------------------- writing and reading
@@ -209,41 +169,3 @@ def config_from_checkpoint(ckpt: dict[str, Any]) -> Any:
     train = raw.setdefault("train", {})
     train["resume"] = None
     return build_config(raw, "checkpoint config")
-
-
-def load_model_from_checkpoint(
-    path: str | Path, device: str | torch.device = "cpu", prefer_ema: bool = True
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model from the file alone (size, task, classes from its config); EMA weights first."""
-    from dfineseg.model.dfine import build_model
-
-    ckpt = load_checkpoint(path)
-    cfg = config_from_checkpoint(ckpt)
-    model = build_model(cfg.model, len(ckpt["names"]))
-    use_ema = prefer_ema and ckpt.get("ema") is not None
-    state = ckpt["ema"] if use_ema else ckpt["model"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Size-dependent caches (decoder anchors) may be absent or rebuilt; anything else is a real mismatch.
-    real_missing = [k for k in missing if not k.endswith(CACHE_SUFFIXES)]
-    if real_missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not fit the model built from its config "
-            f"(missing {real_missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    model.to(device).eval()
-    info = {
-        "config": cfg,
-        "names": list(ckpt["names"]),
-        "category_ids": list(ckpt.get("category_ids") or range(len(ckpt["names"]))),
-        "task": cfg.model.task,
-        "imgsz": tuple(cfg.data.imgsz),
-        "resize": cfg.data.resize,
-        "conf": cfg.eval.conf,
-        "epoch": ckpt.get("epoch"),
-        "step": ckpt.get("step"),
-        "metrics": ckpt.get("metrics") or {},
-        "ema": use_ema,
-        "schema_version": ckpt["schema_version"],
-        "dfineseg_version": ckpt.get("dfineseg_version"),
-    }
-    return model, info
