@@ -74,13 +74,26 @@ def _run_data(ns: argparse.Namespace) -> int:
         return 1 if getattr(report, "fatal", False) else 0
     parser = argparse.ArgumentParser(prog="dfineseg data synth", description="write the generated demo dataset")
     parser.add_argument("out", help="output folder (created)")
-    parser.add_argument("--train", type=int, default=200, help="training images (default 200)")
-    parser.add_argument("--val", type=int, default=50, help="validation images (default 50)")
+    parser.add_argument("--train", type=int, default=None, help="training images (default 200; 300 with --hard)")
+    parser.add_argument("--val", type=int, default=None, help="validation images (default 50; 60 with --hard)")
     parser.add_argument("--coco", action="store_true", help="also write COCO json annotations")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
+    parser.add_argument("--hard", action="store_true",
+                        help="the harder set: 480-960 px images, 3-9 objects from 15 px up, rings and thin bars, "
+                             "heavy occlusion, blur and JPEG 85-95")
     args = parser.parse_args(ns.rest)
     synthetic = _import_stage("dfineseg.data.synthetic", "data synth")
-    data_yaml = synthetic.write_synthetic_dataset(args.out, n_train=args.train, n_val=args.val, coco=args.coco, seed=args.seed)
+    if args.hard:
+        from dfineseg.data.synthetic_hard import DEFAULT_COUNTS as defaults
+    else:
+        defaults = (200, 50)
+    default_train, default_val = defaults
+    args.train = default_train if args.train is None else args.train
+    args.val = default_val if args.val is None else args.val
+    if args.train < 0 or args.val < 0:
+        raise UserError(f"--train and --val count images: got --train {args.train} --val {args.val}")
+    data_yaml = synthetic.write_synthetic_dataset(args.out, n_train=args.train, n_val=args.val, coco=args.coco,
+                                                  seed=args.seed, hard=args.hard)
     print(f"wrote {args.train} train + {args.val} val images: {data_yaml}")
     return 0
 

@@ -182,11 +182,24 @@ def _coco_segmentation(mask: np.ndarray) -> list | dict:
 
 
 def write_synthetic_dataset(
-    out: str | Path, n_train: int = 200, n_val: int = 50, coco: bool = False, seed: int = 0
+    out: str | Path, n_train: int = 200, n_val: int = 50, coco: bool = False, seed: int = 0, hard: bool = False
 ) -> Path:
     """Write images/{train,val}, labels/{train,val} and data.yaml (+ annotations/instances_*.json when
-    `coco`) under `out`; returns the data.yaml path."""
+    `coco`) under `out`; returns the data.yaml path. `hard`: the harder set of `dfineseg.data.synthetic_hard`."""
     out = Path(out)
+    if hard:
+        from dfineseg.data import synthetic_hard
+
+        classes_of_set, label_polygon = synthetic_hard.CLASSES, synthetic_hard.mask_polygon
+
+        def make(rng: np.random.Generator) -> tuple[np.ndarray, list[int], list[np.ndarray], int]:
+            return synthetic_hard.synth_hard_image(rng)
+    else:
+        classes_of_set, label_polygon = CLASSES, _largest_polygon
+
+        def make(rng: np.random.Generator) -> tuple[np.ndarray, list[int], list[np.ndarray], int]:
+            return (*synth_image(rng), _JPEG_QUALITY)
+
     for split, n in (("train", n_train), ("val", n_val)):
         img_dir, lbl_dir = out / "images" / split, out / "labels" / split
         img_dir.mkdir(parents=True, exist_ok=True)
@@ -194,16 +207,16 @@ def write_synthetic_dataset(
         coco_images, coco_anns = [], []
         for i in range(n):
             rng = np.random.default_rng([seed, _SPLIT_CODES[split], i])
-            img, classes, visible = synth_image(rng)
+            img, classes, visible, quality = make(rng)
             h, w = img.shape[:2]
             name = f"{i + 1:06d}"
-            ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
+            ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
             if not ok:
                 raise RuntimeError(f"OpenCV could not encode {name}.jpg")
             (img_dir / f"{name}.jpg").write_bytes(buf.tobytes())
             lines = []
             for cls, m in zip(classes, visible):
-                poly = _largest_polygon(m)
+                poly = label_polygon(m)
                 if poly is None:
                     continue
                 norm = (poly / [w, h]).clip(0, 1).reshape(-1)
@@ -228,17 +241,20 @@ def write_synthetic_dataset(
             ann_dir = out / "annotations"
             ann_dir.mkdir(parents=True, exist_ok=True)
             doc = {
-                "info": {"description": f"dfineseg synthetic shapes, seed {seed}"},
+                "info": {"description": f"dfineseg synthetic shapes{' (hard)' if hard else ''}, seed {seed}"},
                 "images": coco_images,
                 "annotations": coco_anns,
-                "categories": [{"id": c + 1, "name": name, "supercategory": "shape"} for c, name in enumerate(CLASSES)],
+                "categories": [
+                    {"id": c + 1, "name": name, "supercategory": "shape"} for c, name in enumerate(classes_of_set)
+                ],
             }
             (ann_dir / f"instances_{split}.json").write_text(json.dumps(doc, separators=(",", ":")), encoding="utf-8")
     data_yaml = out / "data.yaml"
-    names = "".join(f"  {c}: {name}\n" for c, name in enumerate(CLASSES))
+    names = "".join(f"  {c}: {name}\n" for c, name in enumerate(classes_of_set))
     # No `path:` key: the folder of data.yaml is the root, here and in Ultralytics.
+    kind = "hard synthetic shapes" if hard else "synthetic shapes"
     data_yaml.write_text(
-        f"# dfineseg synthetic shapes (seed {seed})\ntrain: images/train\nval: images/val\nnames:\n{names}",
+        f"# dfineseg {kind} (seed {seed})\ntrain: images/train\nval: images/val\nnames:\n{names}",
         encoding="utf-8",
     )
     return data_yaml
