@@ -243,6 +243,9 @@ class TrainConfig(Section):
     patience: int | None = Field(None, ge=1, description="early stopping: epochs without improvement")
     save_every_steps: int | None = Field(None, ge=1)
     save_every_epochs: int = Field(1, ge=1, description="last.pt every N epochs (and at the end); 1: each epoch")
+    checkpoint_minutes: float | None = Field(3.0, gt=0, description="last.pt also whenever this many minutes "
+                                             "passed since it was written, mid-epoch at a step boundary (a kill "
+                                             "in a long epoch loses at most this much); null: off")
     best_metric: str = "mask_f1"
     max_nonfinite: int = Field(10, ge=1, description="consecutive non-finite steps (loss or gradient) before the run "
                                "stops; it also stops when most steps so far, or half of the last 20, were non-finite")

@@ -58,8 +58,14 @@ def test_resume_mid_epoch_equals_uninterrupted_run(small_data, tmp_path):
     resumed.fit()
     assert resumed.run_dir == (tmp_path / "cut").resolve() and resumed.step == 4
 
-    a = load_checkpoint(tmp_path / "full" / "last.pt")
-    b = load_checkpoint(cut_last)
+    _assert_same_training(load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(cut_last), steps=4)
+    # The resumed run's results.csv continues the interrupted one: epochs 1 and 2, once each.
+    with (tmp_path / "cut" / "results.csv").open() as fh:
+        assert [row["epoch"] for row in csv.DictReader(fh)] == ["1", "2"]
+
+
+def _assert_same_training(a, b, steps):
+    """Two last.pt files hold the same model, EMA, optimizer moments and schedule after `steps` steps."""
     for key in ("model", "ema"):
         for name, ta in a[key].items():
             tb = b[key][name]
@@ -67,10 +73,35 @@ def test_resume_mid_epoch_equals_uninterrupted_run(small_data, tmp_path):
     exp_avg = [s["exp_avg"] for s in a["optimizer"]["state"].values()]
     exp_avg_b = [s["exp_avg"] for s in b["optimizer"]["state"].values()]
     assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(exp_avg, exp_avg_b))
-    assert a["scheduler"] == b["scheduler"] and a["ema_updates"] == b["ema_updates"] == 4
-    # The resumed run's results.csv continues the interrupted one: epochs 1 and 2, once each.
-    with (tmp_path / "cut" / "results.csv").open() as fh:
-        assert [row["epoch"] for row in csv.DictReader(fh)] == ["1", "2"]
+    assert a["scheduler"] == b["scheduler"] and a["ema_updates"] == b["ema_updates"] == steps
+
+
+def test_last_pt_by_wall_time_mid_epoch_resumes_exactly(small_data, tmp_path):
+    """train.checkpoint_minutes writes last.pt mid-epoch once that much time passed since the last one (here
+    shorter than a step: after every step but an epoch's last, which the epoch end writes), with the
+    bookkeeping of any mid-epoch checkpoint: a kill in epoch 2 resumes from step 3 to the same weights as
+    an uninterrupted run. Without the rule (save_every_steps off) the last.pt of that kill is epoch 1's."""
+    full = Trainer(_cfg(small_data, tmp_path, "full", save_every_steps=None))
+    full.fit()
+    assert full.step == 4
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_cfg(small_data, tmp_path, "off", save_every_steps=None, checkpoint_minutes=None),
+                criterion_hook=_CrashAt(4)).fit()
+    assert load_checkpoint(tmp_path / "off" / "last.pt")["step"] == 2
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_cfg(small_data, tmp_path, "cut", save_every_steps=None, checkpoint_minutes=1e-6),
+                criterion_hook=_CrashAt(4)).fit()
+    cut_last = tmp_path / "cut" / "last.pt"
+    saved = load_checkpoint(cut_last)
+    assert (saved["step"], saved["epoch"], saved["epoch_batch"]) == (3, 1, 1)
+    assert not list((tmp_path / "cut").glob(".*.tmp"))  # atomic writes leave no temp file behind
+
+    resumed = Trainer(_cfg(small_data, tmp_path, "cut", save_every_steps=None, resume=str(cut_last)))
+    resumed.fit()
+    assert resumed.step == 4
+    _assert_same_training(load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(cut_last), steps=4)
 
 
 def test_non_finite_loss_is_skipped_and_counted(small_data, tmp_path):
@@ -139,9 +170,10 @@ def test_time_budget_overrides_epochs_and_ends_with_validation(small_data, tmp_p
     # The dataset checks' summary is printed once per split at the start of the run.
     err = capfd.readouterr().err
     assert err.count(f"{tr.train_index.split}: {len(tr.train_index.images)} images") == 1
-    # 3 seconds cannot hold 500 epochs: the schedule was refitted to what the budget holds.
+    # 3 seconds cannot hold 500 epochs: the schedule was refitted to what the budget holds (whole epochs, or
+    # the steps that fit when the budget ends inside an epoch; a fallback stop keeps the plan it overran).
     assert tr.total_epochs < 500
-    assert tr.schedule.total_steps == tr.total_epochs * tr.steps_per_epoch
+    assert tr.schedule.total_steps < 500 * tr.steps_per_epoch
     assert tr.ema.total_steps == tr.schedule.total_steps
     assert best.is_file() and "val/mask_f1" in open(tmp_path / "budget" / "results.csv").readline()
     run = tmp_path / "budget"
@@ -264,3 +296,50 @@ def test_early_stopping_after_patience_epochs_without_improvement(small_data, tm
     best = load_checkpoint(tr.run_dir / "best.pt")
     assert best["best_fitness"] == pytest.approx(0.5) and best["epoch"] == 2
     assert load_checkpoint(tr.run_dir / "last.pt")["epoch"] == 4
+
+
+class _TiedPrimary(Trainer):
+    """mask F1 at conf 0.5 stays 0 (no score reaches 0.5, as on a young model) while the sweep's best F1 and
+    mask mAP rise until epoch 3 and fall after: real training steps and checkpoints, scripted metrics."""
+
+    SCRIPT = ((0.0003, 0.0), (0.02, 0.004), (0.089, 0.015), (0.05, 0.01))
+
+    def validate(self, out_dir=None, model=None):
+        best_f1, mean_ap = self.SCRIPT[min(self.epoch, len(self.SCRIPT) - 1)]
+        return {"mask_f1": 0.0, "box_f1": 0.0, "best_f1": best_f1, "mask_map50_95": mean_ap}
+
+
+def test_best_pt_breaks_ties_of_the_best_metric_and_keeps_them_across_a_resume(small_data, tmp_path, capfd):
+    """The default best_metric (mask F1 at 0.5) ties at 0: best.pt must still hold the best epoch (the
+    highest best_f1, then mAP), and a resume compares against the stored tuple, not the tied float."""
+    tr = _TiedPrimary(_cfg(small_data, tmp_path, "tie", epochs=3, val_every=1, save_every_steps=None))
+    tr.fit()
+    assert tr.best_epoch == 2 and load_checkpoint(tr.run_dir / "best.pt")["epoch"] == 3
+    err = capfd.readouterr().err
+    assert "best.pt holds epoch 3 of 3" in err and "2 other epoch(s) tied on mask_f1; best_f1 decided" in err, err
+    with (tr.run_dir / "results.csv").open() as fh:
+        assert [row["best_epoch"] for row in csv.DictReader(fh)] == ["1", "2", "3"]
+
+    # Epoch 4 ties on mask F1 again, with a lower best_f1: best.pt keeps epoch 3.
+    again = _TiedPrimary(_cfg(small_data, tmp_path, "tie", epochs=4, val_every=1, save_every_steps=None,
+                              resume=str(tr.run_dir / "last.pt")))
+    again.fit()
+    assert again.best_epoch == 2 and load_checkpoint(tr.run_dir / "best.pt")["epoch"] == 3
+    assert load_checkpoint(tr.run_dir / "last.pt")["best_key"] == [0.0, 0.089, 0.015]
+    assert "best.pt holds epoch 3 of 4" in capfd.readouterr().err
+
+
+def test_best_key_of_an_older_checkpoint_is_its_float_with_unknown_tie_breakers():
+    from dfineseg.train.best_model import fitness_key, key_from_checkpoint, ranking_metrics
+
+    names = ranking_metrics("mask_f1", "segment")
+    assert names == ("mask_f1", "best_f1", "mask_map50_95")
+    assert ranking_metrics("best_f1", "detect") == ("best_f1", "box_map50_95")
+    old = key_from_checkpoint({"best_fitness": 0.0}, names)
+    assert old == (0.0, float("-inf"), float("-inf"))
+    # A later epoch that ties on the float and measured its tie-breakers replaces it; a lower one does not.
+    assert fitness_key({"mask_f1": 0.0, "best_f1": 0.01, "mask_map50_95": 0.0}, names) > old
+    assert fitness_key({"mask_f1": -0.1, "best_f1": 0.9, "mask_map50_95": 0.9}, names) < old
+    # A NaN never wins.
+    assert fitness_key({"mask_f1": float("nan")}, names) < fitness_key({"mask_f1": 0.0}, names)
+    assert key_from_checkpoint({"best_fitness": None}, names) is None

@@ -2,9 +2,11 @@
 
 `torch.load(path, weights_only=True)` reads every file written here (no pickled classes), so loading a
 checkpoint from somewhere else cannot run code. RNG states are stored as tensors and lists for the same
-reason (`dfineseg.train.rng_state`). Layout (docs/ARCHITECTURE.md section 6): schema_version, dfineseg_version, config, names,
-category_ids, model, ema, ema_updates, optimizer, scheduler, scaler, epoch, step, rng, metrics,
-best_fitness, plus trainer bookkeeping (epoch_step, nonfinite_steps, elapsed_s, total_epochs).
+reason (`dfineseg.train.rng_state`). Layout (docs/ARCHITECTURE.md section 6): schema_version,
+dfineseg_version, config, names, category_ids, model, ema, ema_updates, optimizer, scheduler, scaler, epoch,
+step, rng, metrics, best_fitness (+ best_key, fitness_history: how best.pt was chosen), plus trainer
+bookkeeping (epoch_step, nonfinite_steps, elapsed_s, total_epochs, and the time budget's measurements
+val_s, write_s, step_s, validated_step). Files without the newer keys still load.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from dfineseg.overrides import ConfigError
 # infer, bench) are stored with the run for later commands.
 RESUME_CHANGEABLE = (
     "train.device", "data.workers", "data.path", "train.epochs", "train.patience", "train.save_every_steps",
-    "train.save_every_epochs", "train.val_every", "train.plot_images", "train.tensorboard",
+    "train.save_every_epochs", "train.checkpoint_minutes", "train.val_every", "train.plot_images", "train.tensorboard",
     "train.max_nonfinite", "eval.batch", "eval.plots",
 )
 RESUME_FREE_SECTIONS = ("export", "infer", "bench")

@@ -21,6 +21,7 @@ from torch import nn
 from dfineseg.infer.errors import UserError
 from dfineseg.overrides import ConfigError
 from dfineseg.train import distributed as D
+from dfineseg.train.best_model import ranking_metrics
 from dfineseg.train.divergence import DivergenceGuard
 from dfineseg.train.ema import ModelEMA
 from dfineseg.train.epoch_loader import training_data
@@ -99,6 +100,7 @@ class RunSetup:
         """The run folder (vetted before anything is written) and the checkpoints it already holds."""
         self.task = self.cfg.model.task
         self.best_metric = default_best_metric(self.tcfg.best_metric, self.task)
+        self.ranking = ranking_metrics(self.best_metric, self.task)  # best_metric, then its tie-breakers
         self.is_main = self.dist.is_main
         self.folder = RunFolder.open(self.cfg, self.train_index, self.val_index, self.resume_ckpt is not None,
                                      self.is_main)
@@ -178,11 +180,14 @@ class RunSetup:
         self.epoch = 0
         self.epoch_batch = 0
         self.step = 0
-        self.best_fitness: float | None = None
+        self.best_fitness: float | None = None  # best_metric of best.pt's epoch (shown; the tuple decides)
+        self.best_key: tuple[float, ...] | None = None
         self.best_epoch = -1
+        self.fitness_history: list[tuple[int, tuple[float, ...]]] = []  # (epoch, key) of validated epochs
         self.divergence = DivergenceGuard(self.tcfg.max_nonfinite, self._diverged_message, self.is_main)
         self.elapsed_before = 0.0
-        self.epoch_times: list[float] = []
+        self.epoch_times: list[float] = []  # training seconds of each finished epoch (for `time=`)
+        self._start_timing()
         self.last_metrics: dict[str, float] = {}
 
     def _resume_progress(self) -> None:

@@ -2,9 +2,11 @@
 `accumulate` micro-batches, then unscale + clip, optimizer step, schedule step, EMA update; non-finite
 losses and gradients are skipped and counted by the divergence guard.
 
-A mid-epoch checkpoint (train.save_every_steps) is written only at a step boundary, with the number of
-batches consumed in the epoch, so a resume skips exactly those batches. Every rank leaves the epoch at
-the same batch. `Trainer` (trainer.py) mixes this in.
+A mid-epoch checkpoint (every `train.save_every_steps` steps, and whenever `train.checkpoint_minutes` have
+passed since last.pt was written) is written only at a step boundary, with the number of batches consumed
+in the epoch, so a resume skips exactly those batches. Under `time=` the epoch stops before a step that
+would eat into the time kept for the final validation (`budget.py`). Every rank leaves the epoch at the
+same batch. `Trainer` (trainer.py) mixes this in.
 """
 
 from __future__ import annotations
@@ -75,8 +77,18 @@ class StepLoop:
         budget = self._budget_s()
         micro = 0
         stop = False
+        # A fresh run trains at least one step whatever the budget; a resumed one may have none left.
+        may_stop = self.resume_ckpt is not None
         self.optimizer.zero_grad(set_to_none=True)
+        t_step = self._now()
         for images, targets in batches(loader):
+            # Before a step begins (no gradients accumulated): every rank stops if one finds it would not
+            # end before the reserve.
+            if (budget is not None and micro == 0 and (may_stop or self.step > self._first_step)
+                    and not D.all_true(self._next_step_fits(budget), self.device)):
+                self._stop_for_budget(budget)
+                stop = True
+                break
             images = images.to(self.device, non_blocking=True)
             targets = targets_to(targets, self.device)
             micro += 1
@@ -99,9 +111,15 @@ class StepLoop:
                 if boundary:
                     self._optimizer_step()
                     micro = 0
+                    now = self._now()
+                    self._note_step(now - t_step)
+                    t_step = now
                     if budget is not None and not self._budget_fitted and self.step - self._first_step >= 2:
                         self._refit_from_steps(budget)
-                    if tcfg.save_every_steps and self.step % tcfg.save_every_steps == 0:
+                    # By time, the epoch's last step is left to the epoch end (it writes last.pt after validating,
+                    # so a resume does not skip that validation).
+                    if ((tcfg.save_every_steps and self.step % tcfg.save_every_steps == 0)
+                            or (self.epoch_batch < n_batches and self._checkpoint_due())):
                         self.save_last()
             if bar is not None:
                 shown = {k.replace("loss_", ""): f"{v / max(count, 1):.3g}" for k, v in sums.items()
@@ -109,11 +127,6 @@ class StepLoop:
                 shown["mem"] = memory_text(self.device)
                 bar.set_postfix(shown, refresh=False)
                 bar.update(1)
-            # Every rank must leave the loop at the same batch: any rank over budget stops them all.
-            if budget is not None and boundary and not D.all_true(self._elapsed() < budget, self.device):
-                self.stop_reason = f"time budget of {tcfg.time} min reached"
-                stop = True
-                break
         if bar is not None:
             bar.close()
         means = {k: v / max(count, 1) for k, v in sums.items()}

@@ -24,6 +24,7 @@ from typing import Any
 from dfineseg.infer.errors import UserError
 from dfineseg.model.checkpoint import CheckpointError, load_checkpoint
 from dfineseg.train import distributed as D
+from dfineseg.train.best_model import explain_best
 from dfineseg.train.budget import TimeBudget
 from dfineseg.train.divergence import NONFINITE_WINDOW, NONFINITE_WINDOW_SHARE, TrainingDiverged
 from dfineseg.train.results import save_prediction_images
@@ -79,10 +80,10 @@ class Trainer(RunSetup, StepLoop, TimeBudget, RunState, ValidationHook):
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> Path:
-        self._t_start = time.perf_counter()
+        # The clock starts before the setup: `time=` budgets the whole command (data checks, model building).
+        self._t_start = self._now()
         try:
             self._setup()
-            self._t_start = time.perf_counter()
             self._loop()
             return self.run_dir / "best.pt"
         finally:
@@ -96,30 +97,47 @@ class Trainer(RunSetup, StepLoop, TimeBudget, RunState, ValidationHook):
         if budget is not None and self.resume_ckpt is None:
             # Until the first epoch is measured, plan for the configured epochs (refit afterwards).
             self.total_epochs = max(tcfg.epochs, 1)
-        self._final_val_s = 0.0
         self._budget_fitted = self.resume_ckpt is not None
+        if budget is not None:
+            self._start_budget()
         self._first_step, self._elapsed_at_start = self.step, self._elapsed()
+        self._last_save_t = self._now()
         stop = False
         while self.epoch < self.total_epochs and not stop:
-            t_epoch = time.perf_counter()
+            t_epoch = self._now()
             stop = self._train_epoch()
+            if stop and self._validated_step == self.step:
+                break  # the budget allowed no step since these weights were validated and logged: nothing to add
             finished_epoch = self.epoch_batch >= self.sampler.batches_per_epoch()
             if finished_epoch or stop:
+                train_s = self._now() - t_epoch
                 # Decide on the budget before validating, so the epoch that ends the run is validated and
                 # logged like any last epoch.
-                if not stop and budget is not None and D.broadcast_object(self._elapsed() >= budget):
-                    self.stop_reason = self.stop_reason or f"time budget of {tcfg.time} min reached"
+                if (not stop and budget is not None and self.epoch + 1 < self.total_epochs
+                        and D.broadcast_object(self._elapsed() + self._final_val_s >= budget)):
+                    self._stop_for_budget(budget)
                     stop = True
                 if not stop and finished_epoch:
-                    self._refit_to_budget(time.perf_counter() - t_epoch)
+                    self._refit_to_budget(train_s)
                 last_epoch = self.epoch + 1 >= self.total_epochs
                 metrics: dict[str, float] = {}
-                t_val = time.perf_counter()
                 if stop or last_epoch or (self.epoch + 1) % tcfg.val_every == 0:
+                    t_val = self._now()
                     metrics = self.validate()
-                self._final_val_s = max(self._final_val_s, time.perf_counter() - t_val)
-                self.epoch_times.append(time.perf_counter() - t_epoch)
+                    self._note_validation(self._now() - t_val)
+                    self._validated_step = self.step
+                if finished_epoch:
+                    self.epoch_times.append(train_s)  # training only: the budget adds validations and writes
+                t_end = self._now()
                 stop = self._end_epoch(metrics) or stop
+                self._note_writes(self._now() - t_end)
+                # The reserve may have grown with this epoch's validation: a validated epoch whose successor
+                # could not train one step ends the run here (an unvalidated one goes on, and the next
+                # epoch's first check stops it and validates these weights).
+                if (not stop and budget is not None and metrics and self.epoch < self.total_epochs
+                        and not D.all_true(self._next_step_fits(budget), self.device)):
+                    self._stop_for_budget(budget)
+                    stop = True
         self._finish()
 
     def _end_epoch(self, metrics: dict[str, float]) -> bool:
@@ -127,10 +145,12 @@ class Trainer(RunSetup, StepLoop, TimeBudget, RunState, ValidationHook):
         stop = False
         if metrics:
             self.last_metrics = metrics
-        fitness = self._fitness(metrics)
-        improved = fitness is not None and (self.best_fitness is None or fitness > self.best_fitness)
+        fitness = self._fitness(metrics)  # a tuple: best_metric, then the tie-breakers (best_model.py)
+        improved = fitness is not None and (self.best_key is None or fitness > self.best_key)
+        if fitness is not None:
+            self.fitness_history.append((self.epoch, fitness))
         if improved:
-            self.best_fitness, self.best_epoch = fitness, self.epoch
+            self.best_key, self.best_fitness, self.best_epoch = fitness, fitness[0], self.epoch
         finished_epoch = self.epoch_batch >= self.sampler.batches_per_epoch()
         done_epoch = self.epoch
         if finished_epoch:
@@ -143,12 +163,15 @@ class Trainer(RunSetup, StepLoop, TimeBudget, RunState, ValidationHook):
             row.update({f"val/{k}": v for k, v in metrics.items()})
             if self.divergence.total:
                 row["nonfinite_steps"] = self.divergence.total
+            if self.best_epoch >= 0:
+                row["best_epoch"] = self.best_epoch + 1  # the epoch best.pt holds after this one
             self.log.add(row)
             # The plot is redrawn at most every 2 minutes (and at the end): on a small CPU it costs seconds.
             if time.perf_counter() - self._last_plot > 120:
                 self.log.plot()
                 self._last_plot = time.perf_counter()
-            if not finished_epoch or self.epoch % self.tcfg.save_every_epochs == 0 or self.epoch >= self.total_epochs:
+            if (not finished_epoch or self.epoch % self.tcfg.save_every_epochs == 0 or self.epoch >= self.total_epochs
+                    or self._checkpoint_due()):
                 self.save_last()
             if improved or "best.pt" not in self.saved_checkpoints:
                 self._save("best.pt", with_optimizer=False)
@@ -179,6 +202,9 @@ class Trainer(RunSetup, StepLoop, TimeBudget, RunState, ValidationHook):
             reason = self.stop_reason or f"{self.epoch} epochs completed"
             print(f"training finished ({reason}) in {self._elapsed() / 60:.1f} min; best {self.best_metric} "
                   f"{self.best_fitness if self.best_fitness is not None else float('nan'):.4f} -> {best}",
+                  file=sys.stderr)
+            epochs_run = self.epoch + (1 if self.epoch_batch else 0)  # a stopped epoch counts
+            print(explain_best(self.best_epoch, self.best_key, self.fitness_history, self.ranking, epochs_run),
                   file=sys.stderr)
             self._final_report(best)
         D.barrier()
