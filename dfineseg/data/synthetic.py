@@ -10,6 +10,7 @@ files are written without timestamps, so one seed gives byte-identical files (wi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -115,41 +116,62 @@ def _local_mask(pts: np.ndarray, h: int, w: int) -> tuple[np.ndarray, tuple[int,
     return local.astype(bool), (x0, y0, x1, y1)
 
 
-def synth_image(rng: np.random.Generator) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
-    """One RGB uint8 image, the class of each object and its visible mask (bool HxW)."""
-    w, h = (int(v) for v in rng.integers(320, 481, size=2))
-    short = min(h, w)
-    img = _background(h, w, rng)
+def place_objects(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    count: int,
+    n_classes: int,
+    propose: Callable[[int, np.random.Generator], tuple[np.ndarray, tuple[int, int, int, int]] | None],
+    colour: Callable[[int, np.random.Generator], np.ndarray],
+    min_visible: float,
+    tries: int,
+) -> tuple[list[int], list[np.ndarray]]:
+    """Paint up to `count` objects onto `img` (float HxWx3, in place): each of a random class, placed by
+    `propose(cls, rng) -> (bool mask, box) | None` (None: try again), kept only where every earlier object
+    keeps `min_visible` of its own area. Returns each kept object's class and visible mask (bool HxW)."""
+    h, w = img.shape[:2]
     classes: list[int] = []
     visible: list[np.ndarray] = []  # full-size, updated as later objects cover them
     areas: list[int] = []
-    for _ in range(int(rng.integers(1, 7))):
-        cls = int(rng.integers(0, len(CLASSES)))
-        for _try in range(12):
-            size = rng.uniform(0.12, 0.45) * short
-            margin = size * 0.4
-            centre = np.array([rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)])
-            drawn = _local_mask(_shape_points(cls, size, rng) + centre, h, w)
-            if drawn is None or drawn[0].sum() < 64:
+    for _ in range(count):
+        cls = int(rng.integers(0, n_classes))
+        for _try in range(tries):
+            drawn = propose(cls, rng)
+            if drawn is None:
                 continue
             m, (x0, y0, x1, y1) = drawn
-            # Every earlier object must keep at least half of its own area visible.
-            if all(
-                v.sum() - (v[y0:y1, x0:x1] & m).sum() >= _MIN_VISIBLE * a for v, a in zip(visible, areas)
-            ):
+            if all(v.sum() - (v[y0:y1, x0:x1] & m).sum() >= min_visible * a for v, a in zip(visible, areas)):
                 break
         else:
             continue
         for v in visible:
             v[y0:y1, x0:x1] &= ~m
-        patch = _texture(y1 - y0, x1 - x0, _colour(cls, rng), rng)
-        region = img[y0:y1, x0:x1]
-        region[m] = patch[m]
+        patch = _texture(y1 - y0, x1 - x0, colour(cls, rng), rng)
+        img[y0:y1, x0:x1][m] = patch[m]
         full = np.zeros((h, w), bool)
         full[y0:y1, x0:x1] = m
         classes.append(cls)
         visible.append(full)
         areas.append(int(m.sum()))
+    return classes, visible
+
+
+def synth_image(rng: np.random.Generator) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+    """One RGB uint8 image, the class of each object and its visible mask (bool HxW)."""
+    w, h = (int(v) for v in rng.integers(320, 481, size=2))
+    short = min(h, w)
+    img = _background(h, w, rng)
+
+    def propose(cls: int, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+        size = rng.uniform(0.12, 0.45) * short
+        margin = size * 0.4
+        centre = np.array([rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)])
+        drawn = _local_mask(_shape_points(cls, size, rng) + centre, h, w)
+        return None if drawn is None or drawn[0].sum() < 64 else drawn
+
+    # Every earlier object keeps at least half of its own area visible.
+    classes, visible = place_objects(img, rng, int(rng.integers(1, 7)), len(CLASSES), propose, _colour,
+                                     _MIN_VISIBLE, tries=12)
     # 2x2-pixel grain: a quarter of the random draws of per-pixel noise, which dominated the run time
     grain = rng.standard_normal(((h + 1) // 2, (w + 1) // 2, 3), dtype=np.float32) * np.float32(4.0)
     img += cv2.resize(grain, ((w + 1) // 2 * 2, (h + 1) // 2 * 2), interpolation=cv2.INTER_NEAREST)[:h, :w]

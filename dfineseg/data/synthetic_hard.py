@@ -20,7 +20,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from dfineseg.data.synthetic import _background, _local_mask, _texture
+from dfineseg.data.synthetic import _background, _local_mask, place_objects
 
 CLASSES = ("ring", "bar", "triangle", "star", "cross")
 _CLASS_HUES = (0, 110, 60, 25, 150)
@@ -90,32 +90,16 @@ def synth_hard_image(rng: np.random.Generator) -> tuple[np.ndarray, list[int], l
     w, h = int(rng.integers(IMAGE_W[0], IMAGE_W[1] + 1)), int(rng.integers(IMAGE_H[0], IMAGE_H[1] + 1))
     largest = min(h, w) / 3
     img = _background(h, w, rng)
-    classes: list[int] = []
-    visible: list[np.ndarray] = []  # full-size, updated as later objects cover them
-    areas: list[int] = []
-    for _ in range(int(rng.integers(OBJECTS[0], OBJECTS[1] + 1))):
-        cls = int(rng.integers(0, len(CLASSES)))
-        for _try in range(16):
-            size = float(np.exp(rng.uniform(np.log(MIN_OBJECT), np.log(largest))))
-            margin = size * 0.3
-            centre = np.array([rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)])
-            drawn = _draw(shape_outlines(cls, size, rng), centre, h, w)
-            if drawn is None or drawn[0].sum() < 24:
-                continue
-            m, (x0, y0, x1, y1) = drawn
-            if all(v.sum() - (v[y0:y1, x0:x1] & m).sum() >= MIN_VISIBLE * a for v, a in zip(visible, areas)):
-                break
-        else:
-            continue
-        for v in visible:
-            v[y0:y1, x0:x1] &= ~m
-        patch = _texture(y1 - y0, x1 - x0, _colour(cls, rng), rng)
-        img[y0:y1, x0:x1][m] = patch[m]
-        full = np.zeros((h, w), bool)
-        full[y0:y1, x0:x1] = m
-        classes.append(cls)
-        visible.append(full)
-        areas.append(int(m.sum()))
+
+    def propose(cls: int, rng: np.random.Generator):
+        size = float(np.exp(rng.uniform(np.log(MIN_OBJECT), np.log(largest))))
+        margin = size * 0.3
+        centre = np.array([rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)])
+        drawn = _draw(shape_outlines(cls, size, rng), centre, h, w)
+        return None if drawn is None or drawn[0].sum() < 24 else drawn
+
+    classes, visible = place_objects(img, rng, int(rng.integers(OBJECTS[0], OBJECTS[1] + 1)), len(CLASSES), propose,
+                                     _colour, MIN_VISIBLE, tries=16)
     grain = rng.standard_normal(((h + 1) // 2, (w + 1) // 2, 3), dtype=np.float32) * np.float32(5.0)
     img += cv2.resize(grain, ((w + 1) // 2 * 2, (h + 1) // 2 * 2), interpolation=cv2.INTER_NEAREST)[:h, :w]
     out = cv2.convertScaleAbs(img)
