@@ -10,9 +10,17 @@ Python API: the functions of `dfineseg.api` (`api.train(cfg)`, `api.val(cfg)`, `
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# PyTorch's OpenMP threads spin for a while before they sleep. On a small CPU shared with anything else that
+# spinning fights the other process for the cores: one busy process next to a 2-thread training step made it
+# 10-25x slower (17-40 s against 1.6 s), while 5000 spins keep the idle speed at 320 px (1.6-1.7 s), cost 6%
+# at 128 px, and 2.4x under that load (docs/BENCHMARKS.md, "OpenMP wait policy"). libgomp reads it when torch
+# loads, so it only applies when dfineseg is imported before torch (the CLI always is); a user's value wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 
 
 def bench(cfg: Any = None, **overrides: Any) -> Any:
