@@ -32,6 +32,8 @@ from dfineseg.train.resume import RESUME_CHANGEABLE, RESUME_FREE_SECTIONS, resum
 from dfineseg.train.run_folder import increment_run_dir, remove_stale_temp_files
 from dfineseg.train.run_state import RunState
 from dfineseg.train.setup import RunSetup, default_best_metric, seed_everything
+from dfineseg.train.short_budget import apply_short_budget
+from dfineseg.train.short_budget import describe as describe_choices
 from dfineseg.train.step_loop import StepLoop, memory_text, split_losses, targets_to
 from dfineseg.train.validation import ValidationHook
 
@@ -71,6 +73,9 @@ class Trainer(RunSetup, StepLoop, TimeBudget, RunState, ValidationHook):
             if self.resume_ckpt.get("optimizer") is None:
                 raise CheckpointError(f"{cfg.train.resume}: holds no optimizer state (best.pt); resume from last.pt")
             cfg, self.resume_epochs = resume_config(cfg, self.resume_ckpt, self.dist.is_main)
+        cfg, self.budget_choices = apply_short_budget(cfg, resuming=self.resume_ckpt is not None)
+        if self.budget_choices and self.dist.is_main:
+            print(describe_choices(self.budget_choices, cfg.train.time), file=sys.stderr)
         self.cfg = cfg
         self.tcfg = cfg.train
         self.device = self.dist.device
