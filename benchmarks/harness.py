@@ -30,8 +30,8 @@ from dfineseg.export.formats import BENCH_ROWS
 from dfineseg.infer.errors import BackendUnavailableError, UserError
 
 COLUMNS = ["format", "status", "e2e_mean_ms", "e2e_p50_ms", "e2e_p95_ms", "raw_mean_ms", "raw_p50_ms",
-           "raw_p95_ms", "e2e_over_raw", "f1", "precision", "recall", "penalized_iou", "map50_95", "map50",
-           "params_m", "size_mb", "backend", "device", "compute_precision", "images", "file", "reason"]
+           "raw_p95_ms", "e2e_over_raw", "f1", "precision", "recall", "penalized_iou", "boundary_iou", "map50_95",
+           "map50", "params_m", "size_mb", "backend", "device", "compute_precision", "images", "file", "reason"]
 
 
 def latency_stats(seconds: list[float]) -> dict[str, float]:
@@ -117,7 +117,8 @@ def _metric_row(metrics: dict[str, Any]) -> dict[str, Any]:
     head = metrics["headline"]
     return {
         "f1": head["f1"], "precision": head["precision"], "recall": head["recall"],
-        "penalized_iou": head["penalized_iou"], "map50_95": head["map50_95"], "map50": head["map50"],
+        "penalized_iou": head["penalized_iou"], "boundary_iou": head.get("boundary_iou"),
+        "map50_95": head["map50_95"], "map50": head["map50"],
     }
 
 
@@ -257,7 +258,8 @@ def _fmt(value: Any) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     cols = ["format", "status", "e2e_mean_ms", "e2e_p50_ms", "e2e_p95_ms", "raw_mean_ms", "e2e_over_raw", "f1",
-            "precision", "recall", "penalized_iou", "map50_95", "map50", "params_m", "size_mb", "compute_precision"]
+            "precision", "recall", "penalized_iou", "boundary_iou", "map50_95", "map50", "params_m", "size_mb",
+            "compute_precision"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")

@@ -18,6 +18,7 @@ EXAMPLES = {
     "val": "dfineseg val weights=runs/demo/best.pt data=datasets/demo/data.yaml conf=0.5",
     "export": "dfineseg export weights=runs/demo/best.pt format=onnx,openvino int8=true",
     "infer": "dfineseg infer model=runs/demo/model.onnx source=images/ out=runs/infer conf=0.5",
+    "track": "dfineseg track model=runs/demo/model.onnx source=video.mp4 out=runs/track",
     "bench": "dfineseg bench weights=runs/demo/best.pt data=datasets/demo/data.yaml formats=torch,onnx,ov-fp32",
     "data": "dfineseg data check data=datasets/demo/data.yaml | dfineseg data synth datasets/demo --train 200 --val 50",
 }
@@ -27,6 +28,7 @@ HELP = {
     "val": "evaluate a checkpoint or exported model on a split (paper F1 + COCO mAP)",
     "export": "export a checkpoint to ONNX / OpenVINO (FP32, FP16, INT8) / TensorRT, parity-checked",
     "infer": "run any model file on images, folders, globs, videos or a webcam",
+    "track": "infer with object tracking (ByteTrack style): track ids in the video, tracks.json, mot.txt",
     "bench": "latency and accuracy of every format under the paper's protocol",
     "data": "dataset tools: `check` validates a dataset, `synth` writes the demo dataset",
 }
@@ -50,6 +52,11 @@ def _config_command(aliases_name: str, api_name: str) -> Callable[[argparse.Name
 def _run_infer(ns: argparse.Namespace) -> int:
     infer_cli = _import_stage("dfineseg.infer_cli", "infer")
     return int(infer_cli.run_infer(ns.overrides, config=ns.config) or 0)
+
+
+def _run_track(ns: argparse.Namespace) -> int:
+    infer_cli = _import_stage("dfineseg.infer_cli", "track")
+    return int(infer_cli.run_infer([*ns.overrides, "track=true"], config=ns.config) or 0)
 
 
 def _run_data(ns: argparse.Namespace) -> int:
@@ -120,17 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
         "Every command takes `--config FILE` plus `key=value` overrides (`section.key=value` for any config key).",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{train,val,export,infer,bench,data}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,val,export,infer,track,bench,data}")
     handlers = {
         "train": _config_command("TRAIN_ALIASES", "train"),
         "val": _config_command("VAL_ALIASES", "val"),
         "export": _config_command("EXPORT_ALIASES", "export"),
         "bench": _config_command("BENCH_ALIASES", "bench"),
         "infer": _run_infer,
+        "track": _run_track,
     }
     for name, handler in handlers.items():
         epilog = f"example: {EXAMPLES[name]}"
-        if name == "infer":
+        if name in ("infer", "track"):
             from dfineseg.infer_cli import options_help  # torch- and pydantic-free
 
             epilog = f"{options_help()}\n\n{epilog}"

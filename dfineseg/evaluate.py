@@ -249,6 +249,8 @@ def evaluate(
     results["headline"] = {
         "f1": head["f1"], "precision": head["precision"], "recall": head["recall"], "penalized_iou": head["iou"],
         "map50_95": head["map50_95"], "map50": head["map50"], "tp": head["tp"], "fp": head["fp"], "fn": head["fn"],
+        # Mean Boundary IoU of the true positives at `conf` (segment only; None for detect).
+        "boundary_iou": head.get("boundary_iou"),
     }
     results["sweep"] = headline_pm.sweep()
     results["per_class"] = headline_outcome.per_class(names)

@@ -79,6 +79,13 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], Any, str]] = {
     "line_width": (_optional(_positive_int), None, "box line width in pixels (default: from the image size)"),
     "show_conf": (_bool, True, "print the score next to the class name"),
     "progress": (_bool, True, "progress bar for folders and videos"),
+    "track": (_bool, False, "track objects across frames (`dfineseg track` sets it): ids in every output, "
+              "tracks.json, mot.txt"),
+    "track_high": (_optional(_fraction), None, "tracking: score of a confident detection (default: conf)"),
+    "track_low": (_fraction, 0.1, "tracking: lowest score still used to keep a track alive"),
+    "track_new": (_optional(_fraction), None, "tracking: score that starts a new track (default: track_high + 0.1)"),
+    "track_buffer": (_positive_int, 30, "tracking: frames a lost track waits to be found again"),
+    "track_masks": (_bool, False, "tracking: associate by mask IoU instead of box IoU (segment models)"),
 }
 ALIASES = {"weights": "model", "input": "source", "project": "out", "imgs": "source", "save": "save_images"}
 
@@ -168,7 +175,7 @@ def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str,
     sinks = SinkOptions(
         save_images=opts["save_images"], save_json=opts["save_json"], save_txt=opts["save_txt"],
         save_crops=opts["save_crops"], mask_alpha=opts["mask_alpha"], line_width=opts["line_width"],
-        show_conf=opts["show_conf"],
+        show_conf=opts["show_conf"], track=opts["track"],
     )
     # Refuse before any work when an output would land on an input (the source images, the model) or on a
     # file dfineseg did not write (e.g. out= a YOLO dataset's root with save_txt: its ground-truth labels).
@@ -203,7 +210,11 @@ def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str,
     start = time.perf_counter()
     try:
         with predictor, _progress(source.total, show, source.kind) as bar:
-            if source.is_video:
+            if opts["track"]:  # frames in order, one per forward, through the tracker
+                for frame, _, det, ids in predictor.track(((f, f.image) for f in source), _tracker(opts, predictor)):
+                    writer.write(frame, det, track_ids=ids)
+                    bar.update(1)
+            elif source.is_video:
                 for frame, _, det in predictor.stream((f, f.image) for f in source):
                     writer.write(frame, det)
                     bar.update(1)
@@ -240,6 +251,16 @@ def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str,
         if len(skipped) > 20:
             log(f"  ... and {len(skipped) - 20} more")
     return summary
+
+
+def _tracker(opts: dict[str, Any], predictor: Any) -> Any:
+    from dfineseg.infer.track import Tracker
+
+    high = opts["track_high"] if opts["track_high"] is not None else predictor.conf
+    if opts["track_low"] > high:
+        raise ConfigError(f"track_low={opts['track_low']:g} is above track_high={high:g}; lower track_low")
+    return Tracker.from_conf(high, low=opts["track_low"], new_track=opts["track_new"], max_lost=opts["track_buffer"],
+                             use_masks=opts["track_masks"] and predictor.task == "segment")
 
 
 def _model_inputs(model: str) -> list[Path]:

@@ -31,6 +31,11 @@ def class_color(label: int) -> tuple[int, int, int]:
     return int(c[0]), int(c[1]), int(c[2])
 
 
+def _color(det: Detections, i: int, track_ids: np.ndarray | None) -> tuple[int, int, int]:
+    """A class's colour, or a track's (so two objects of one class stay apart in a video)."""
+    return class_color(int(track_ids[i]) if track_ids is not None else int(det.labels[i]))
+
+
 def _label_text(label: int, score: float, names: Sequence[str], show_conf: bool) -> str:
     name = names[label] if 0 <= label < len(names) else str(label)
     return f"{name} {score:.2f}" if show_conf else name
@@ -43,8 +48,10 @@ def draw_detections(
     mask_alpha: float = 0.45,
     line_width: int | None = None,
     show_conf: bool = True,
+    track_ids: np.ndarray | None = None,
 ) -> np.ndarray:
-    """A copy of `image` (HxWx3 uint8 RGB) with `det` drawn on it; the input is left unchanged."""
+    """A copy of `image` (HxWx3 uint8 RGB) with `det` drawn on it; the input is left unchanged. With
+    `track_ids` each detection is coloured by its track and labelled `#id name score`."""
     out = np.ascontiguousarray(image.copy())
     h, w = out.shape[:2]
     lw = line_width or max(1, round((h + w) / 2 * 0.003))
@@ -65,16 +72,18 @@ def draw_detections(
             if not sel.any():
                 continue
             region = out[ya:y1, xa:x1]
-            color = np.array(class_color(int(det.labels[i])), dtype=np.float32)
+            color = np.array(_color(det, i, track_ids), dtype=np.float32)
             blended = region[sel].astype(np.float32) * (1.0 - mask_alpha) + color * mask_alpha
             region[sel] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 
     for i in order:
         x1, y1, x2, y2 = (int(round(float(v))) for v in det.boxes[i])
         label = int(det.labels[i])
-        color = class_color(label)
+        color = _color(det, i, track_ids)
         cv2.rectangle(out, (x1, y1), (x2, y2), color, lw, lineType=cv2.LINE_AA)
         text = _label_text(label, float(det.scores[i]), names, show_conf)
+        if track_ids is not None:
+            text = f"#{int(track_ids[i])} {text}"
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
         above = y1 - th - base - 2 >= 0
         ty0 = y1 - th - base - 2 if above else y1

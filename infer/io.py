@@ -198,6 +198,7 @@ class SinkOptions:
     mask_alpha: float = 0.45
     line_width: int | None = None
     show_conf: bool = True
+    track: bool = False  # track ids in every sink, plus tracks.json and mot.txt
 
 
 def planned_outputs(source: Source, options: SinkOptions) -> list[str]:
@@ -214,6 +215,8 @@ def planned_outputs(source: Source, options: SinkOptions) -> list[str]:
         rels.append(f"{_video_stem(source)}.mp4")
     if options.save_json:
         rels += ["predictions.json", "images.json"]
+    if options.track:
+        rels += ["tracks.json", "mot.txt"]
     return rels
 
 
@@ -252,11 +255,17 @@ class ResultWriter:
         self._video: Any = None
         self._video_path: Path | None = None
         self.files: list[Path] = []
+        self.tracks: list[dict] = []  # one record per tracked detection per frame (options.track)
 
     # -------------------------------------------------------------- per frame
-    def write(self, frame: Frame, det: Detections) -> None:
+    def write(self, frame: Frame, det: Detections, track_ids: np.ndarray | None = None) -> None:
+        """Every sink for one frame; `track_ids` (one per detection) when tracking."""
         from dfineseg.infer.draw import draw_detections
 
+        if self.options.track and (track_ids is None or len(track_ids) != len(det)):
+            raise ValueError("a tracking run writes one track id per detection")
+        if track_ids is not None:
+            self._note_tracks(frame, det, track_ids)
         self.counts["images"] += 1
         self.counts["detections"] += len(det)
         self.counts["empty"] += int(len(det) == 0)
@@ -267,7 +276,7 @@ class ResultWriter:
         if opts.save_images:
             drawn = draw_detections(
                 frame.image, det, self.names, mask_alpha=opts.mask_alpha, line_width=opts.line_width,
-                show_conf=opts.show_conf,
+                show_conf=opts.show_conf, track_ids=track_ids,
             )
             if self.video_fps is not None:
                 self._write_video_frame(drawn, frame)
@@ -276,12 +285,24 @@ class ResultWriter:
         if opts.save_txt:
             txt = self.folder.claim(Path("labels", frame.name).with_suffix(".txt"))
             lines = det.to_yolo_lines(with_conf=False)
+            if track_ids is not None:  # the track id as the last column, as Ultralytics writes it
+                lines = [f"{line} {int(t)}" for line, t in zip(lines, track_ids, strict=True)]
             try:
                 txt.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
             except OSError as exc:
                 raise self.folder.os_error(exc, txt) from None
         if opts.save_crops and len(det):
             self._write_crops(frame, det)
+
+    def _note_tracks(self, frame: Frame, det: Detections, track_ids: np.ndarray) -> None:
+        # Frames count from 1, as video frame numbers and the MOT challenge do.
+        index = frame.frame_index if frame.frame_index is not None else frame.image_id
+        for box, score, label, tid in zip(det.boxes, det.scores, det.labels, track_ids, strict=True):
+            self.tracks.append({
+                "frame": int(index), "image_id": int(frame.image_id), "track_id": int(tid),
+                "box": [round(float(v), 2) for v in box], "score": round(float(score), 4),
+                "class": int(label), "name": self.names[int(label)] if int(label) < len(self.names) else str(int(label)),
+            })
 
     def _write_image(self, rel: str, rgb: np.ndarray) -> None:
         path = self.folder.claim(rel)
@@ -318,10 +339,24 @@ class ResultWriter:
         if self.options.save_json:
             self._write_json("predictions.json", self.results)
             self._write_json("images.json", self.images)
-        return {"out": str(self.out), **self.counts, "video": str(self._video_path) if self._video_path else None}
+        summary = {"out": str(self.out), **self.counts, "video": str(self._video_path) if self._video_path else None}
+        if self.options.track:
+            self._write_json("tracks.json", self.tracks)
+            self.files.append(self.folder.write_text("mot.txt", mot_challenge_text(self.tracks)))
+            summary["tracks"] = len({r["track_id"] for r in self.tracks})
+        return summary
 
     def _write_json(self, rel: str, data: Any) -> None:
         self.files.append(self.folder.write_text(rel, json.dumps(data)))
+
+
+def mot_challenge_text(records: Sequence[dict]) -> str:
+    """MOT-challenge lines `frame,id,left,top,width,height,score,-1,-1,-1` (frames from 1), frame order."""
+    lines = []
+    for r in sorted(records, key=lambda r: (r["frame"], r["track_id"])):
+        x1, y1, x2, y2 = r["box"]
+        lines.append(f"{r['frame']},{r['track_id']},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},{r['score']:.4f},-1,-1,-1")
+    return "".join(line + "\n" for line in lines)
 
 
 def _video_stem(source: VideoSource) -> str:

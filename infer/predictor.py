@@ -244,6 +244,29 @@ class Predictor:
         for outputs, (key, image, metas) in self.backend.forward_stream(batches()):
             yield key, image, self._postprocess(outputs, metas, thr)[0]
 
+    def track(
+        self, items: Iterable[tuple[Any, np.ndarray]] | str | Path, tracker: Any = None
+    ) -> Iterator[tuple[Any, np.ndarray, Detections, np.ndarray]]:
+        """Frames in order -> (key, image, tracked Detections, their track ids), ByteTrack style
+        (`dfineseg.infer.track.Tracker`; default `Tracker.from_conf(self.conf)`).
+
+        `items` are (key, image) pairs, or a video / folder / stream to open (keys are then its `Frame`s).
+        The model runs at the tracker's low threshold: weak detections keep occluded objects tracked; only
+        detections that belong to a confirmed track are returned.
+        """
+        from dfineseg.infer.track import Tracker
+
+        tracker = tracker if tracker is not None else Tracker.from_conf(self.conf)
+        if isinstance(items, str | Path):
+            from dfineseg.infer.io import open_source
+
+            source = open_source(items)
+            items = ((frame, frame.image) for frame in source)
+        for key, image, det in self.stream(items, conf=tracker.low):
+            ids = tracker.update(det)
+            keep = ids > 0
+            yield key, image, det[keep], ids[keep]
+
     # ------------------------------------------------------------------ steps
     def _as_image(self, item: Any, index: int | None = None) -> np.ndarray:
         where = "" if index is None else f" (item {index} of the list)"

@@ -111,6 +111,7 @@ def test_perfect_predictions_score_one(tmp_path, task):
     head = m["headline"]
     assert (head["tp"], head["fp"], head["fn"]) == (5, 0, 0)
     assert head["f1"] == 1.0 and head["penalized_iou"] == pytest.approx(1.0)
+    assert head["boundary_iou"] == (pytest.approx(1.0) if task == "segment" else None)
     assert head["map50_95"] == pytest.approx(1.0) and head["map50"] == pytest.approx(1.0)
     assert m["instances"] == 5 and m["images"] == 4
     assert ("mask" in m) == (task == "segment") and m["box"]["f1"] == 1.0

@@ -370,3 +370,58 @@ def test_score_equal_to_threshold_is_kept_like_postprocess():
     p = det([[0, 0, 10, 10]], [0], scores=np.array([0.7], np.float32))  # float32(0.7) < 0.7 in float64
     assert counts([p], [g], conf=0.7) == (1, 0, 0)
     assert sweep([p], [g], "detect", thresholds=[0.7])["f1"] == [1.0]
+
+
+# ------------------------------------------------------------------------------------ boundary IoU
+def _full_band(mask: np.ndarray, width: int) -> np.ndarray:
+    """Reference: mask pixels whose chessboard distance to a background pixel (outside the image counts as
+    background) is at most `width`, computed on the full image by brute force."""
+    h, w = mask.shape
+    padded = np.zeros((h + 2 * width, w + 2 * width), bool)
+    padded[width:width + h, width:width + w] = mask
+    interior = np.ones_like(mask)
+    for dy in range(-width, width + 1):
+        for dx in range(-width, width + 1):
+            interior &= padded[width + dy:width + dy + h, width + dx:width + dx + w]
+    return mask & ~interior
+
+
+def test_boundary_iou_matches_a_full_image_reference():
+    from dfineseg.infer.metrics import boundary_width, compact_boundary_iou
+
+    rng = np.random.default_rng(0)
+    shape = (60, 80)
+    width = boundary_width(shape)
+    assert width == round(0.02 * np.hypot(*shape)) == 2
+    for _ in range(30):
+        full = []
+        for _ in range(2):
+            m = np.zeros(shape, bool)
+            y0, x0 = rng.integers(0, 40), rng.integers(0, 60)
+            m[y0:y0 + rng.integers(3, 25), x0:x0 + rng.integers(3, 25)] = True
+            m &= rng.random(shape) > 0.1  # holes make inner edges
+            full.append(m)
+        bands = [_full_band(m, width) for m in full]
+        union = (bands[0] | bands[1]).sum()
+        expected = (bands[0] & bands[1]).sum() / union if union else 0.0
+        crops = []
+        for m in full:
+            ys, xs = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+            crops.append((m[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1], (int(xs[0]), int(ys[0]))))
+        got = compact_boundary_iou(crops[0][0], crops[0][1], crops[1][0], crops[1][1], width)
+        assert got == pytest.approx(expected)
+
+
+def test_boundary_iou_sees_edges_that_mask_iou_forgives():
+    """A 60 px square predicted 3 px too far right: mask IoU 0.90, boundary IoU much lower; both reported
+    for the true positive at the threshold (segment only)."""
+    shape = (200, 200)
+    square = np.ones((60, 60), bool)
+    truth = GroundTruth([[50, 50, 110, 110]], [0], shape, [square], [[50, 50]])
+    pred = Detections([[53, 50, 113, 110]], [0.9], [0], shape, [square], [[53, 50]])
+    seg = paper_metrics([pred], [truth], "segment")
+    assert seg["tp"] == 1 and seg["iou"] == pytest.approx(57 / 63)
+    assert 0.3 < seg["boundary_iou"] < 0.75
+    exact = paper_metrics([Detections([[50, 50, 110, 110]], [0.9], [0], shape, [square], [[50, 50]])], [truth], "segment")
+    assert exact["boundary_iou"] == 1.0
+    assert "boundary_iou" not in paper_metrics([pred], [truth], "detect")

@@ -54,6 +54,13 @@ def test_fine_tuning_keeps_the_official_learning_rates(tmp_path):
     assert "train.lr" not in keys and "train.backbone_lr" not in keys and "train.warmup_iters" in keys
 
 
+def test_the_batch_is_chosen_on_a_cpu_only():
+    cfg = load_config(None, ["time=10"])
+    assert apply_short_budget(cfg, on_cpu=True)[0].train.batch == 4
+    on_gpu, chosen = apply_short_budget(cfg, on_cpu=False)
+    assert on_gpu.train.batch == cfg.train.batch and "train.batch" not in {c.key for c in chosen}
+
+
 def test_no_recipe_without_a_short_budget_or_on_resume():
     assert apply_short_budget(load_config(None, ["epochs=3"]))[1] == []
     assert apply_short_budget(load_config(None, [f"time={SHORT_BUDGET_MINUTES * 2:g}"]))[1] == []
@@ -74,5 +81,6 @@ def test_the_trainer_applies_the_recipe_and_writes_it_to_the_run_config(small_da
                              f"project={tmp_path}", "name=recipe", "workers=0"])
     trainer = Trainer(cfg)
     assert trainer.cfg.train.warmup_iters == 20 and trainer.cfg.model.num_queries == 100
+    assert trainer.cfg.train.batch == 4  # these tests train on the CPU
     assert cfg.train.warmup_iters != 20  # the caller's config is not changed
     assert "short-budget recipe" in capsys.readouterr().err

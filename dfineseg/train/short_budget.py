@@ -8,7 +8,8 @@ affine warps the validation never shows, and matching 300 queries plus 100 denoi
 With `train.time` at most SHORT_BUDGET_MINUTES and a fresh run (a resume keeps its run's config.yaml, which
 already holds these values), each choice below is applied unless its key was given in the config file or on
 the command line; the learning rates only when the run starts from random weights (fine-tuning from
-`model.weights` / `model.backbone_weights` keeps the official ones). The run prints what it chose and writes
+`model.weights` / `model.backbone_weights` keeps the official ones), the batch only on a CPU (where a step
+costs about as much per image at batch 4 as at 8, so the smaller batch buys twice the steps). The run prints what it chose and writes
 it to the run's config.yaml, so a resume continues with the same settings.
 
 Measured on the `--hard` synthetic data and the demo: docs/BENCHMARKS.md, "Short-budget recipe".
@@ -29,6 +30,7 @@ class Choice:
     value: Any
     why: str
     from_scratch_only: bool = False  # only when no starting weights are configured
+    cpu_only: bool = False  # only when the run trains on the CPU
 
 
 RECIPE: tuple[Choice, ...] = (
@@ -38,6 +40,8 @@ RECIPE: tuple[Choice, ...] = (
     Choice("train.lr", 2e-3, "random initial weights learn faster at a higher rate", from_scratch_only=True),
     Choice("train.backbone_lr", 5e-4, "random backbone weights need more than the fine-tuning rate",
            from_scratch_only=True),
+    Choice("train.batch", 4, "twice the steps of batch 8 in the same minutes (a CPU step costs ~ its images)",
+           cpu_only=True),
     Choice("loss.vfl", 3.0, "classification weight x3: the model finds objects before it scores them"),
     Choice("model.num_queries", 100, "fewer queries to match and score per step"),
     Choice("model.num_denoising", 50, "half the denoising queries per step"),
@@ -70,12 +74,13 @@ def applies(cfg: Any, resuming: bool) -> bool:
     return bool(time) and time <= SHORT_BUDGET_MINUTES and not resuming
 
 
-def apply_short_budget(cfg: Any, resuming: bool = False) -> tuple[Any, list[Choice]]:
+def apply_short_budget(cfg: Any, resuming: bool = False, on_cpu: bool = True) -> tuple[Any, list[Choice]]:
     """(config to train with, the choices made). The caller's config object is never changed: a copy is."""
     if not applies(cfg, resuming):
         return cfg, []
     from_scratch = not (cfg.model.weights or cfg.model.backbone_weights)
-    chosen = [c for c in RECIPE if not is_set(cfg, c.key) and (from_scratch or not c.from_scratch_only)]
+    chosen = [c for c in RECIPE if not is_set(cfg, c.key) and (from_scratch or not c.from_scratch_only)
+              and (on_cpu or not c.cpu_only)]
     if not chosen:
         return cfg, []
     cfg = cfg.model_copy(deep=True)

@@ -73,7 +73,8 @@ class Trainer(RunSetup, StepLoop, TimeBudget, RunState, ValidationHook):
             if self.resume_ckpt.get("optimizer") is None:
                 raise CheckpointError(f"{cfg.train.resume}: holds no optimizer state (best.pt); resume from last.pt")
             cfg, self.resume_epochs = resume_config(cfg, self.resume_ckpt, self.dist.is_main)
-        cfg, self.budget_choices = apply_short_budget(cfg, resuming=self.resume_ckpt is not None)
+        cfg, self.budget_choices = apply_short_budget(cfg, resuming=self.resume_ckpt is not None,
+                                                      on_cpu=self.dist.device.type == "cpu")
         if self.budget_choices and self.dist.is_main:
             print(describe_choices(self.budget_choices, cfg.train.time), file=sys.stderr)
         self.cfg = cfg
