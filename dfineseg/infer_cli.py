@@ -42,6 +42,12 @@ def _positive_int(value: Any) -> int:
     return int(value)
 
 
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < 0:
+        raise ValueError("expected a whole number >= 0")
+    return int(value)
+
+
 def _text(value: Any) -> str:
     return str(value)
 
@@ -79,6 +85,11 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], Any, str]] = {
     "line_width": (_optional(_positive_int), None, "box line width in pixels (default: from the image size)"),
     "show_conf": (_bool, True, "print the score next to the class name"),
     "progress": (_bool, True, "progress bar for folders and videos"),
+    "reconnect": (_non_negative_int, 3, "network streams: reopen a dropped stream this many times (waits 1, 2, 4 s ...)"),
+    "realtime": (_bool, False, "network streams: drop frames the model cannot keep up with (keep the newest)"),
+    "tile": (_optional(_positive_int), None, "tiled inference: window side in pixels of the original image "
+             "(small objects on large images); plus the whole image, duplicates merged"),
+    "overlap": (_fraction, 0.2, "tiled inference: overlap of neighbouring windows, a fraction of the tile"),
     "track": (_bool, False, "track objects across frames (`dfineseg track` sets it): ids in every output, "
               "tracks.json, mot.txt"),
     "track_high": (_optional(_fraction), None, "tracking: score of a confident detection (default: conf)"),
@@ -171,7 +182,10 @@ def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str,
     from dfineseg.infer.predictor import Predictor
     from dfineseg.utils.outputs import OutputFolder
 
-    source = open_source(opts["source"], max_frames=opts["max_frames"])
+    if opts["track"] and opts["tile"]:
+        raise ConfigError("tile= with tracking is not supported yet: drop tile= (or track)")
+    source = open_source(opts["source"], max_frames=opts["max_frames"], reconnect=opts["reconnect"],
+                         realtime=opts["realtime"])
     sinks = SinkOptions(
         save_images=opts["save_images"], save_json=opts["save_json"], save_txt=opts["save_txt"],
         save_crops=opts["save_crops"], mask_alpha=opts["mask_alpha"], line_width=opts["line_width"],
@@ -208,13 +222,14 @@ def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str,
     )
     show = opts["progress"] and source.kind != "image"
     start = time.perf_counter()
+    stopped = None
     try:
         with predictor, _progress(source.total, show, source.kind) as bar:
             if opts["track"]:  # frames in order, one per forward, through the tracker
                 for frame, _, det, ids in predictor.track(((f, f.image) for f in source), _tracker(opts, predictor)):
                     writer.write(frame, det, track_ids=ids)
                     bar.update(1)
-            elif source.is_video:
+            elif source.is_video and not opts["tile"]:
                 for frame, _, det in predictor.stream((f, f.image) for f in source):
                     writer.write(frame, det)
                     bar.update(1)
@@ -222,11 +237,18 @@ def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str,
                 from dfineseg.infer.batching import chunks
 
                 for chunk in chunks(iter(source), predictor.chunk_size(source.total or 1)):
-                    for frame, det in zip(chunk, predictor.predict_batch([f.image for f in chunk])):
+                    if opts["tile"]:
+                        found = [predictor.predict_tiled(f.image, opts["tile"], opts["overlap"]) for f in chunk]
+                    else:
+                        found = predictor.predict_batch([f.image for f in chunk])
+                    for frame, det in zip(chunk, found):
                         writer.write(frame, det)
                     bar.update(len(chunk))
                 if source.total:  # skipped files were never yielded: finish the bar at the file count
                     bar.update(max(0, source.total - bar.n))
+    except KeyboardInterrupt:
+        # A clean stop (Ctrl-C on a camera or stream that never ends): everything so far is written.
+        stopped = "interrupted by the user; the outputs hold every frame processed before"
     finally:
         summary = writer.close()
     elapsed = time.perf_counter() - start
@@ -236,14 +258,23 @@ def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str,
             "model": str(predictor.backend.path), "backend": rt.backend, "device": rt.device,
             "precision": rt.precision, "source": source.description, "conf": predictor.conf,
             "seconds": round(elapsed, 3), "skipped": [{"file": f, "reason": r} for f, r in skipped],
+            "stopped": stopped,
         }
     )
+    if hasattr(source, "report"):
+        summary["stream"] = source.report()
     out = folder.root
     folder.write_text("summary.json", json.dumps(summary, indent=2))
     n = summary["images"]
     rate = f", {1000 * elapsed / n:.1f} ms/image" if n else ""
     log(f"{n} {'frames' if source.is_video else 'images'}, {summary['detections']} detections "
         f"({summary['empty']} with none){rate} -> {out}")
+    for event in summary.get("stream", {}).get("events", []):
+        log(event)
+    if summary.get("stream", {}).get("dropped_frames"):
+        log(f"real time: dropped {summary['stream']['dropped_frames']} frame(s) the model could not keep up with")
+    if stopped:
+        log(stopped)
     if skipped:
         log(f"skipped {len(skipped)} unreadable image(s) (listed in {out / 'summary.json'}):")
         for file, reason in skipped[:20]:

@@ -67,7 +67,7 @@ class Source:
 
     @property
     def is_video(self) -> bool:
-        return self.kind in ("video", "webcam")
+        return self.kind in ("video", "webcam", "stream")
 
     def input_paths(self) -> list[Path]:
         """The files or folders this source reads: outputs must never be written over them."""
@@ -157,8 +157,10 @@ def _sorted_files(paths: Sequence[Path]) -> list[Path]:
     return sorted((p for p in paths if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.as_posix())
 
 
-def open_source(spec: str | int | Path, max_frames: int | None = None) -> Source:
-    """`img.jpg`, `folder/`, `'images/*.png'`, `clip.mp4`, `rtsp://...`, `0` (webcam index) -> a Source."""
+def open_source(spec: str | int | Path, max_frames: int | None = None, reconnect: int = 3,
+                realtime: bool = False) -> Source:
+    """`img.jpg`, `folder/`, `'images/*.png'`, `clip.mp4`, `rtsp://...`, `0` (webcam index) -> a Source.
+    `reconnect` and `realtime` apply to network streams (infer/stream.py)."""
     if str(spec).strip().isdigit() and not Path(str(spec).strip()).exists():
         return VideoSource("webcam", f"webcam {int(spec)}", target=int(spec), max_frames=max_frames).probe()
     text = str(spec)
@@ -177,7 +179,9 @@ def open_source(spec: str | int | Path, max_frames: int | None = None) -> Source
             return VideoSource("video", str(path), target=str(path), max_frames=max_frames).probe()
         return ImageFilesSource("image", str(path), files=[path], root=path.parent)
     if "://" in text:  # rtsp://, http:// streams: OpenCV's FFmpeg backend opens them like a file
-        return VideoSource("video", text, target=text, max_frames=max_frames).probe()
+        from dfineseg.infer.stream import open_stream
+
+        return open_stream(text, max_frames=max_frames, reconnect=reconnect, realtime=realtime)
     if _GLOB_CHARS & set(text):
         matches = [Path(p) for p in globlib.glob(os.path.expanduser(text), recursive=True)]
         files = _sorted_files(matches)
@@ -361,6 +365,10 @@ def mot_challenge_text(records: Sequence[dict]) -> str:
 
 def _video_stem(source: VideoSource) -> str:
     """The annotated video's name: the frames are named `<stem>_<index>` (see VideoSource.__iter__)."""
+    if source.kind == "stream":
+        from dfineseg.infer.stream import _stream_stem
+
+        return _stream_stem(str(source.target))
     return Path(str(source.target)).stem if source.kind == "video" else f"webcam{source.target}"
 
 

@@ -244,6 +244,14 @@ class Predictor:
         for outputs, (key, image, metas) in self.backend.forward_stream(batches()):
             yield key, image, self._postprocess(outputs, metas, thr)[0]
 
+    def predict_tiled(self, image: np.ndarray | str | Path, tile: int, overlap: float = 0.2,
+                      conf: float | None = None) -> Detections:
+        """One image in overlapping `tile`-pixel windows plus the whole image, merged (see infer/tiling.py):
+        small objects on large images keep their size at the model's input."""
+        from dfineseg.infer.tiling import predict_tiled
+
+        return predict_tiled(self, self._as_image(image), tile, overlap, conf)
+
     def track(
         self, items: Iterable[tuple[Any, np.ndarray]] | str | Path, tracker: Any = None
     ) -> Iterator[tuple[Any, np.ndarray, Detections, np.ndarray]]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from dfineseg.infer.assignment import linear_assignment
 from dfineseg.infer.boxes import box_iou
+from dfineseg.infer.metrics import compact_mask_iou
 
 
 # ---------------------------------------------------------------- motion
@@ -71,23 +72,6 @@ def xyah_to_xyxy(s: np.ndarray) -> np.ndarray:
     h = max(float(s[3]), 0.0)
     w = max(float(s[2]), 0.0) * h
     return np.array([s[0] - w / 2, s[1] - h / 2, s[0] + w / 2, s[1] + h / 2], dtype=np.float64)
-
-
-# ---------------------------------------------------------------- overlaps
-def crop_iou(a: np.ndarray, a_xy: tuple[int, int], b: np.ndarray, b_xy: tuple[int, int]) -> float:
-    """IoU of two bool masks stored as crops placed at (x, y) origins, without full-size masks."""
-    area_a, area_b = int(a.sum()), int(b.sum())
-    if area_a == 0 or area_b == 0:
-        return 0.0
-    x0, y0 = max(a_xy[0], b_xy[0]), max(a_xy[1], b_xy[1])
-    x1 = min(a_xy[0] + a.shape[1], b_xy[0] + b.shape[1])
-    y1 = min(a_xy[1] + a.shape[0], b_xy[1] + b.shape[0])
-    if x1 <= x0 or y1 <= y0:
-        return 0.0
-    pa = a[y0 - a_xy[1]:y1 - a_xy[1], x0 - a_xy[0]:x1 - a_xy[0]]
-    pb = b[y0 - b_xy[1]:y1 - b_xy[1], x0 - b_xy[0]:x1 - b_xy[0]]
-    inter = int(np.logical_and(pa, pb).sum())
-    return inter / (area_a + area_b - inter)
 
 
 # ---------------------------------------------------------------- tracks
@@ -210,7 +194,7 @@ class Tracker:
             return float(box_iou(track.box()[None], boxes[d][None])[0, 0])
         shift = track.box()[:2] - track.mask_box[:2]  # where the predicted box moved the mask
         xy = (int(round(track.mask_xy[0] + shift[0])), int(round(track.mask_xy[1] + shift[1])))
-        return crop_iou(track.mask, xy, masks[d], tuple(int(v) for v in det.mask_origins[d]))
+        return float(compact_mask_iou([track.mask], np.asarray([xy]), [masks[d]], det.mask_origins[d:d + 1])[0, 0])
 
     def _match(self, track: Track, d: int, boxes, scores, det, masks) -> None:
         track.kalman.update(xyxy_to_xyah(boxes[d]))

@@ -8,7 +8,7 @@ import pytest
 
 from dfineseg.infer.assignment import linear_assignment
 from dfineseg.infer.detections import Detections
-from dfineseg.infer.track import Tracker, crop_iou
+from dfineseg.infer.track import Tracker
 from dfineseg.infer.track_metrics import clear_mot
 
 H, W = 480, 640
@@ -31,20 +31,6 @@ def test_assignment_is_optimal_like_scipy_including_forbidden_pairs():
         assert cost[rows, cols].sum() == pytest.approx(cost[r2[ok], c2[ok]].sum())
     rows, cols = linear_assignment(np.array([[0.1, 0.9], [0.2, 0.95]]), max_cost=0.5)
     assert rows.tolist() == [0] and cols.tolist() == [0]  # the optimum pairs (0,0),(1,1); (1,1) is over 0.5
-
-
-def test_crop_iou_equals_full_mask_iou():
-    rng = np.random.default_rng(1)
-    for _ in range(50):
-        a = rng.random((int(rng.integers(1, 20)), int(rng.integers(1, 20)))) > 0.4
-        b = rng.random((int(rng.integers(1, 20)), int(rng.integers(1, 20)))) > 0.4
-        axy, bxy = tuple(int(v) for v in rng.integers(0, 15, 2)), tuple(int(v) for v in rng.integers(0, 15, 2))
-        fa, fb = np.zeros((40, 40), bool), np.zeros((40, 40), bool)
-        fa[axy[1]:axy[1] + a.shape[0], axy[0]:axy[0] + a.shape[1]] = a
-        fb[bxy[1]:bxy[1] + b.shape[0], bxy[0]:bxy[0] + b.shape[1]] = b
-        union = (fa | fb).sum()
-        expected = (fa & fb).sum() / union if union and fa.any() and fb.any() else 0.0
-        assert crop_iou(a, axy, b, bxy) == pytest.approx(expected)
 
 
 def _scene(seed: int, frames: int = 80, n_objects: int = 6):
