@@ -171,15 +171,27 @@ class MaskHeadConfig(Section):
     norm: Literal["bn", "gn"] = Field("bn", description="bn folds into the convs at deployment; gn is the paper's")
 
 
+class LoraConfig(Section):
+    enabled: bool | None = Field(None, description="None: on when model.backbone_weights is given (the trainer "
+                                 "writes the choice into the run's config)")
+    rank: int = Field(4, ge=1, description="LoRA rank on the DINOv2 attention layers (seed 003: 4)")
+    targets: list[Literal["qkv", "proj"]] = Field(["qkv", "proj"], min_length=1,
+                                                  description="attention layers that get LoRA")
+
+
 class ModelConfig(Section):
     size: ModelSize = "n"
+    backbone: Literal["hgnetv2", "dinov2_s", "dinov2_b", "dinov2_t"] = Field(
+        "hgnetv2", description="hgnetv2 (official D-FINE), or a DINOv2 ViT/14 (dinov2_t: a test-sized ViT)")
+    lora: LoraConfig = LoraConfig()
     task: Literal["detect", "segment"] = "segment"
     num_classes: int | None = Field(None, ge=1, description="default: from the dataset")
     num_queries: int = Field(300, ge=1)
     num_denoising: int = Field(100, ge=0)
     mask_head: MaskHeadConfig = MaskHeadConfig()
     weights: str | None = Field(None, description="official D-FINE .pth or a dfineseg checkpoint to start from")
-    backbone_weights: str | None = Field(None, description="HGNetv2 ImageNet weights (keys without 'backbone.')")
+    backbone_weights: str | None = Field(None, description="HGNetv2 ImageNet weights (keys without 'backbone.'), "
+                                         "or an official DINOv2 hub checkpoint for a dinov2 backbone")
     freeze_backbone: bool = False
 
 

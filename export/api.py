@@ -269,6 +269,13 @@ def _export_all(ctx: ExportContext, cfg: Any, opened: ModelFile) -> None:
     from dfineseg.model.runner import deploy_module
 
     plan, run = ctx.plan, ctx.run
+    from dfineseg.model.dinov2 import merge_lora
+
+    # A DINOv2 backbone's LoRA updates are folded into its weights first: the graph (and the PyTorch reference
+    # it is checked against) holds no LoRA operations.
+    merged = merge_lora(opened.model)
+    if merged:
+        ctx.say(f"LoRA: merged {merged} adapters into the DINOv2 weights")
     deploy = deploy_module(opened.model, plan.topk)
     # Every format starts from the FP32 ONNX: an error making it (or loading the parity data, or computing
     # the reference) is the failure of the first artefact.

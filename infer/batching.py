@@ -58,3 +58,24 @@ def run_images(
     for group in chunks(images, step):
         batch, metas = prepare(list(group))
         yield forward_fixed(forward, batch, fixed_batch), metas
+
+
+def pipelined(forward: Callable[[np.ndarray], Any], batches: Iterable[tuple[np.ndarray, Any]],
+              depth: int = 2) -> Iterator[tuple[Any, Any]]:
+    """(batch, context) pairs -> (forward(batch), context) in input order, with up to `depth` forwards
+    queued on one worker thread: the caller prepares the next batch and post-processes the previous one
+    while the runtime computes (ONNX Runtime and OpenCV release the GIL). Leaving early waits for the
+    queued forwards and drops them."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfineseg-forward") as pool:
+        pending: deque = deque()
+        for batch, ctx in batches:
+            pending.append((pool.submit(forward, batch), ctx))
+            if len(pending) >= depth:
+                future, first = pending.popleft()
+                yield future.result(), first
+        while pending:
+            future, first = pending.popleft()
+            yield future.result(), first

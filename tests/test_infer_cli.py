@@ -159,6 +159,27 @@ def test_infer_cli_runs_without_torch_and_pydantic(standin_files, image_folder, 
     assert (out / "predictions.json").is_file() and len(list((out / "images").iterdir())) == 3
 
 
+def test_track_and_tiles_run_without_torch_pydantic_or_scipy(standin_files, image_folder, tmp_path):
+    """The edge install has numpy and OpenCV: the tracker's assignment and the tile merging need no more."""
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 8, (160, 120))
+    for _ in range(4):
+        writer.write(scene(40)[:, :, ::-1])
+    writer.release()
+    (_blocked_imports_dir(tmp_path) / "scipy.py").write_text("raise ImportError('scipy is not installed (blocked)')\n")
+    out = tmp_path / "track"
+    proc = _run_without_torch(tmp_path, ["-m", "dfineseg.cli", "track", f"model={standin_files.onnx}",
+                                         f"source={clip}", f"out={out}", "progress=false"])
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads((out / "tracks.json").read_text())
+    assert records and len({r["track_id"] for r in records}) == sum(r["frame"] == 1 for r in records)
+    out = tmp_path / "tiles"
+    proc = _run_without_torch(tmp_path, ["-m", "dfineseg.cli", "infer", f"model={standin_files.onnx}",
+                                         f"source={image_folder}", f"out={out}", "tile=64", "progress=false"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "summary.json").read_text())["images"] == 3
+
+
 def test_onnx_and_openvino_predict_without_torch(standin_files, tmp_path):
     script = textwrap.dedent(
         f"""

@@ -15,7 +15,7 @@ from torch import nn
 from dfineseg.infer.boxes import box_convert
 from dfineseg.model.decoder import DFINEDecoder
 from dfineseg.model.encoder import HybridEncoder
-from dfineseg.model.hgnetv2 import HGNetv2
+from dfineseg.model.hgnetv2 import ARCHS, HGNetv2
 from dfineseg.model.mask_head import MaskHead
 
 
@@ -61,7 +61,8 @@ MASK_STRIDE = 4
 class DFINESeg(nn.Module):
     def __init__(self, size: str, num_classes: int, task: str = "segment", num_queries: int = 300,
                  num_denoising: int = 100, fpn_channels: int = 64, mask_channels: int = 64, embed_layers: int = 3,
-                 depthwise_mask: bool = True, mask_norm: str = "bn"):
+                 depthwise_mask: bool = True, mask_norm: str = "bn", backbone: str = "hgnetv2",
+                 lora_rank: int = 0, lora_targets: tuple[str, ...] = ("qkv", "proj")):
         super().__init__()
         if size not in SIZES:
             raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
@@ -76,8 +77,19 @@ class DFINESeg(nn.Module):
         self.mask_from_backbone = task == "segment" and spec.strides[0] != 8
         bb_idx = tuple(sorted(set(spec.return_idx) | ({1} if self.mask_from_backbone else set())))
         # Registration order backbone, decoder, encoder = the official state_dict order.
-        self.backbone = HGNetv2(spec.backbone, use_lab=spec.use_lab, return_idx=bb_idx,
-                                freeze_stem=spec.frozen_stem_bn, freeze_norm=spec.frozen_stem_bn)
+        self.backbone_name = backbone
+        if backbone == "hgnetv2":
+            self.backbone = HGNetv2(spec.backbone, use_lab=spec.use_lab, return_idx=bb_idx,
+                                    freeze_stem=spec.frozen_stem_bn, freeze_norm=spec.frozen_stem_bn)
+        elif backbone.startswith("dinov2_"):
+            from dfineseg.model.dinov2 import DinoV2Backbone
+
+            # The widths of the HGNetv2 stages it replaces, so the encoder and mask head stay the size's.
+            widths = [stage.out_ch for stage in ARCHS[spec.backbone][1]]
+            self.backbone = DinoV2Backbone(backbone, widths, bb_idx, lora_rank=lora_rank,
+                                           lora_targets=tuple(lora_targets))
+        else:
+            raise ValueError(f"unknown backbone {backbone!r}; choose hgnetv2, dinov2_s or dinov2_b")
         self.decoder = DFINEDecoder(
             num_classes, spec.dec_hidden, [spec.enc_hidden] * len(spec.strides), list(spec.strides),
             list(spec.points), spec.dec_layers, nhead=spec.heads, dim_feedforward=spec.dec_ffn,
@@ -173,11 +185,24 @@ def build_model(model_cfg: Any, num_classes: int) -> DFINESeg:
     model = DFINESeg(
         model_cfg.size, num_classes, model_cfg.task, num_queries=model_cfg.num_queries,
         num_denoising=model_cfg.num_denoising, fpn_channels=mh.fpn_channels, mask_channels=mh.mask_channels,
-        embed_layers=mh.embed_layers, depthwise_mask=mh.depthwise, mask_norm=mh.norm)
+        embed_layers=mh.embed_layers, depthwise_mask=mh.depthwise, mask_norm=mh.norm,
+        backbone=getattr(model_cfg, "backbone", "hgnetv2"), lora_rank=lora_rank(model_cfg),
+        lora_targets=tuple(model_cfg.lora.targets) if hasattr(model_cfg, "lora") else ("qkv", "proj"))
     if getattr(model_cfg, "freeze_backbone", False):
         for p in model.backbone.parameters():
             p.requires_grad_(False)
     return model
+
+
+def lora_rank(model_cfg: Any) -> int:
+    """LoRA on a DINOv2 backbone only when it starts from pretrained weights (adapting random weights
+    through a low-rank update while freezing them would be pointless)."""
+    if not str(getattr(model_cfg, "backbone", "hgnetv2")).startswith("dinov2_"):
+        return 0
+    enabled = model_cfg.lora.enabled
+    if enabled is None:
+        enabled = bool(getattr(model_cfg, "backbone_weights", None))
+    return int(model_cfg.lora.rank) if enabled else 0
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -37,6 +37,7 @@ class LoadReport:
     source: str  # where in the file the tensors came from, e.g. "ema.module"
     loaded: int = 0
     reinitialised: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # file keys of another backbone (DINOv2 model, official file)
 
 
 def _read(path: Path) -> Any:
@@ -152,7 +153,12 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
         merged, reinit, loaded = _merge(model_state, state, path, prefix="", class_keys=set(), scope=scope,
                                         size=size)
     elif kind == "official":
+        skipped: list[str] = []
         scope = ("backbone.", "encoder.", "decoder.")
+        if getattr(model, "backbone_name", "hgnetv2") != "hgnetv2":
+            # A DINOv2 model takes the official encoder and decoder (same widths); the file's HGNetv2 stays out.
+            scope = ("encoder.", "decoder.")
+            skipped = [k for k in state if k.startswith("backbone.")]
         merged, reinit, loaded = _merge(model_state, state, path, prefix="backbone.", class_keys=class_keys,
                                         scope=scope, size=size)
     else:
@@ -165,7 +171,8 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
         merged, reinit, loaded = _merge(model_state, state, path, prefix="backbone.", class_keys=class_keys,
                                         scope=scope, size=size)
     model.load_state_dict(merged, strict=True)
-    report = LoadReport(str(path), kind, source, loaded, reinit)
+    report = LoadReport(str(path), kind, source, loaded, reinit,
+                        skipped if kind == "official" else [])
     log.info("loaded %d tensors from %s (%s, %s)", loaded, path, kind, source)
     if reinit:
         log.warning("class count differs from %s: re-initialised %d class-dependent tensors: %s",

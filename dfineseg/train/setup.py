@@ -118,15 +118,52 @@ class RunSetup:
 
         cfg = self.cfg
         num_classes = len(self.names)
+        dinov2 = cfg.model.backbone.startswith("dinov2_")
+        if dinov2 and cfg.model.lora.enabled is None:
+            # Resolved once and saved with the run: a checkpoint rebuilds the same model without the weights file.
+            cfg.model.lora.enabled = bool(cfg.model.backbone_weights)
         model = build_model(cfg.model, num_classes)
         if self.resume_ckpt is None:
-            for start in (cfg.model.backbone_weights, cfg.model.weights):
-                if start:
-                    self._load_start_weights(model, start)
+            if cfg.model.backbone_weights and dinov2:
+                self._load_dinov2_weights(model, cfg.model.backbone_weights)
+            elif cfg.model.backbone_weights:
+                self._load_start_weights(model, cfg.model.backbone_weights)
+            if cfg.model.weights:
+                self._load_start_weights(model, cfg.model.weights)
+        if dinov2:
+            self._freeze_dinov2_base(model)
         self.model = model.to(self.device)
         self.criterion = build_criterion(cfg.loss, num_classes, self.task)
         if hasattr(self.criterion, "to"):
             self.criterion = self.criterion.to(self.device)
+
+    def _load_dinov2_weights(self, model: nn.Module, path: str) -> None:
+        from dfineseg.model.dinov2 import DinoV2WeightsError, load_dinov2_weights
+
+        try:
+            n = load_dinov2_weights(model.backbone.vit, Path(path).expanduser())
+        except (DinoV2WeightsError, FileNotFoundError) as exc:
+            raise UserError(f"model.backbone_weights={path}: {exc}") from None
+        if self.dist.is_main:
+            print(f"start weights {path} (DINOv2 {self.cfg.model.backbone}): loaded {n} tensors", file=sys.stderr)
+
+    def _freeze_dinov2_base(self, model: nn.Module) -> None:
+        """With pretrained DINOv2 weights (LoRA on), the ViT's own weights stay frozen: only LoRA, the feature
+        pyramid and the detector train. From random weights the whole backbone trains. Either way, say so."""
+        vit = model.backbone.vit
+        lora = any(len(block.attn.lora) for block in vit.blocks)
+        if lora:
+            for name, p in vit.named_parameters():
+                if ".lora." not in name:
+                    p.requires_grad_(False)
+        if self.dist.is_main:
+            total = sum(p.numel() for p in model.parameters())
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            how = (f"base ViT frozen, LoRA rank {self.cfg.model.lora.rank} on {'/'.join(self.cfg.model.lora.targets)}"
+                   if lora else "no pretrained DINOv2 weights (model.backbone_weights): the whole backbone trains, "
+                   "LoRA off")
+            print(f"DINOv2 backbone {self.cfg.model.backbone}: {how}; trainable {trainable / 1e6:.2f} M of "
+                  f"{total / 1e6:.2f} M parameters", file=sys.stderr)
 
     def _load_start_weights(self, model: nn.Module, path: str) -> None:
         """Starting weights by config: an official D-FINE .pth, an HGNetv2 ImageNet backbone, or a dfineseg
@@ -139,6 +176,8 @@ class RunSetup:
             raise UserError(f"model weights {path}: {exc}") from None
         if self.dist.is_main:
             note = f"; re-initialised {len(report.reinitialised)} class-dependent tensors" if report.reinitialised else ""
+            if report.skipped:
+                note += f"; kept out {len(report.skipped)} tensors of its HGNetv2 backbone (this model has DINOv2)"
             print(f"start weights {path} ({report.kind}, {report.source}): loaded {report.loaded} tensors{note}",
                   file=sys.stderr)
 

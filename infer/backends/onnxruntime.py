@@ -59,9 +59,13 @@ def _provider_chain(ort: Any, device: str) -> tuple[list[Any], str]:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, **_: Any) -> None:
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, performance: str = "latency",
+                 **_: Any) -> None:
         ort = import_runtime("onnxruntime", "onnxruntime")
         self.path = Path(path)
+        # performance=throughput: video frames are pipelined (next frame prepared, last one drawn, while ORT
+        # computes); latency: one after the other. Measured in docs/BENCHMARKS.md, "Throughput".
+        self.pipeline = str(performance).lower() == "throughput"
         providers, wanted = _provider_chain(ort, device)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -100,6 +104,14 @@ class OnnxRuntimeBackend(Backend):
             input_hw=input_hw_from(shape, self.metadata, self.path),
             extra={"providers": used, "threads": threads},
         )
+
+    def forward_stream(self, batches):
+        if not self.pipeline:
+            yield from super().forward_stream(batches)
+            return
+        from dfineseg.infer.batching import pipelined
+
+        yield from pipelined(self.forward, batches)
 
     def forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         batch = self._check_batch(batch)
