@@ -44,6 +44,9 @@ VARIANTS = {
     "seg-256": ("segment", 256, 256, True, "bn"),
     "seg-64-gn": ("segment", 64, 64, True, "gn"),
     "seg-256-paper": ("segment", 256, 256, False, "gn"),  # the D-FINE-seg paper's head
+    # The DINOv2 ViT/14 backbones (seed 003) in place of HGNetv2, default head; LoRA merged away at export.
+    "seg-64-dinov2_s": ("segment", 64, 64, True, "bn", "dinov2_s"),
+    "seg-64-dinov2_b": ("segment", 64, 64, True, "bn", "dinov2_b"),
 }
 
 
@@ -60,12 +63,13 @@ class Row:
 
 
 def build(size: str, variant: str) -> DFINESeg:
-    task, fpn, mask, dw, norm = VARIANTS[variant]
+    task, fpn, mask, dw, norm, *rest = VARIANTS[variant]
+    backbone = rest[0] if rest else "hgnetv2"
     torch.manual_seed(0)
     if task == "detect":
         return DFINESeg(size, 80, "detect").eval()
     return DFINESeg(size, 80, "segment", fpn_channels=fpn, mask_channels=mask, depthwise_mask=dw,
-                    mask_norm=norm).eval()
+                    mask_norm=norm, backbone=backbone).eval()
 
 
 def gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -121,7 +125,8 @@ def ov_runner(onnx_path: Path, x: np.ndarray, prec: str, threads: int, calib: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["n", "s"])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if "dinov2" not in v],
+                    choices=list(VARIANTS))
     ap.add_argument("--count-sizes", nargs="+", default=["n", "s", "m", "l", "x"],
                     help="sizes whose params/GFLOPs are listed (no latency)")
     ap.add_argument("--imgsz", type=int, nargs=2, default=[640, 640], metavar=("H", "W"))

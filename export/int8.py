@@ -81,6 +81,12 @@ def sensitive_operations(model: Any, patterns: Sequence[str] = PRECISION_SENSITI
     return sorted(op.get_friendly_name() for op in model.get_ops() if any(c.match(op.get_friendly_name()) for c in compiled))
 
 
+def unmatched_patterns(op_names: Sequence[str], patterns: Sequence[str] = PRECISION_SENSITIVE) -> list[str]:
+    """The float-kept patterns that match no operation (a renamed model or exporter): said loudly, since
+    what they should keep in float would be quantised."""
+    return [p for p in patterns if not any(re.match(p, name) for name in op_names)]
+
+
 def _static_batch(model: Any) -> int | None:
     dim = model.inputs[0].get_partial_shape()[0]
     return dim.get_length() if dim.is_static else None
@@ -113,6 +119,10 @@ def quantize_int8(
 
     calibration = nncf.Dataset(list(chunks(calibration_images, step)), to_input)
     ignored = sensitive_operations(model)
+    missing = unmatched_patterns([op.get_friendly_name() for op in model.get_ops()])
+    if missing:
+        log.warning("INT8: %d float-kept pattern(s) match no operation of %s, so those parts get quantised: %s",
+                    len(missing), fp32_xml, ", ".join(missing))
     ignored_scope = nncf.IgnoredScope(names=ignored, validate=False) if ignored else None
 
     float_f1 = None

@@ -110,3 +110,17 @@ def test_wrong_files_give_clear_errors(tmp_path: Path) -> None:
     torch.save({"optimizer": {"lr": 1.0}}, empty)
     with pytest.raises(WeightsError, match="no model weights found"):
         load_weights(model, empty)
+
+
+def test_official_dfine_file_into_a_dinov2_model_loads_encoder_and_decoder_and_lists_the_backbone(tmp_path: Path):
+    path, ema = _fake_official(tmp_path, num_classes=3)
+    torch.manual_seed(5)
+    model = DFINESeg("tiny", 3, "segment", backbone="dinov2_t")
+    fresh = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    report = load_weights(model, path)
+    assert report.skipped and all(k.startswith("backbone.") for k in report.skipped)
+    assert len(report.skipped) == sum(1 for k in ema if k.startswith("backbone."))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in fresh.items())  # the ViT keeps its own weights
+    for key in ("encoder.input_proj.0.conv.weight", "decoder.dec_score_head.0.weight"):
+        assert torch.equal(state[key], ema[key])
