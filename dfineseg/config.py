@@ -136,6 +136,10 @@ class AugmentConfig(Section):
     hflip: AugmentStep = AugmentStep(p=0.5)
     photometric: PhotometricConfig = PhotometricConfig()
     multiscale: MultiScaleConfig = MultiScaleConfig()
+    # Seed 003 section 5; off unless measured otherwise (docs/BENCHMARKS.md, "Seed techniques").
+    mixup: AugmentStep = AugmentStep(p=0.0)
+    cutmix: AugmentStep = AugmentStep(p=0.0)
+    copy_paste: AugmentStep = AugmentStep(p=0.0)
     no_aug_last_epochs: int = Field(0, ge=0, description="strong augmentation off for the last N epochs")
 
 

@@ -238,6 +238,33 @@ def warp_sample(sample: Sample, image: np.ndarray, m: np.ndarray, clip_rect=None
     return replace(sample, image=image, labels=labels, boxes=boxes, geoms=geoms, masks=None)
 
 
+def draw_geometry(geom: Geometry, out: np.ndarray) -> None:
+    """Draw one instance's polygons or mask crop as 1s into the uint8 image-size array `out`."""
+    h, w = out.shape
+    if geom is None:
+        return
+    if isinstance(geom, MaskCrop):
+        ch, cw = geom.mask.shape
+        x0, y0 = max(geom.x0, 0), max(geom.y0, 0)
+        x1, y1 = min(geom.x0 + cw, w), min(geom.y0 + ch, h)
+        if x1 > x0 and y1 > y0:
+            out[y0:y1, x0:x1] |= geom.mask[y0 - geom.y0 : y1 - geom.y0, x0 - geom.x0 : x1 - geom.x0]
+        return
+    for poly in geom:
+        # Vertex at continuous x sits in pixel column x - 0.5 (centre convention); 4 fractional bits.
+        pts = np.round((np.asarray(poly) - 0.5) * 16).astype(np.int32)
+        cv2.fillPoly(out, [pts], 1, lineType=cv2.LINE_8, shift=4)
+
+
+def crop_of(full: np.ndarray) -> MaskCrop | None:
+    """The MaskCrop of an image-size 0/1 mask (None when empty)."""
+    rows, cols = np.nonzero(full.any(axis=1))[0], np.nonzero(full.any(axis=0))[0]
+    if len(rows) == 0:
+        return None
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return MaskCrop(np.ascontiguousarray(full[y0:y1, x0:x1].astype(np.uint8)), int(x0), int(y0))
+
+
 def rasterize(sample: Sample) -> Sample:
     """Draw every mask at the sample's current size -> `sample.masks` bool [N,H,W]; a masked instance's
     box becomes its mask's pixel extent. Instances whose mask covers no pixel at this size are dropped."""
@@ -248,17 +275,7 @@ def rasterize(sample: Sample) -> Sample:
     for i, geom in enumerate(sample.geoms):
         if geom is None:
             continue
-        if isinstance(geom, MaskCrop):
-            ch, cw = geom.mask.shape
-            x0, y0 = max(geom.x0, 0), max(geom.y0, 0)
-            x1, y1 = min(geom.x0 + cw, w), min(geom.y0 + ch, h)
-            if x1 > x0 and y1 > y0:
-                masks[i, y0:y1, x0:x1] = geom.mask[y0 - geom.y0 : y1 - geom.y0, x0 - geom.x0 : x1 - geom.x0]
-        else:
-            for poly in geom:
-                # Vertex at continuous x sits in pixel column x - 0.5 (centre convention); 4 fractional bits.
-                pts = np.round((np.asarray(poly) - 0.5) * 16).astype(np.int32)
-                cv2.fillPoly(masks[i], [pts], 1, lineType=cv2.LINE_8, shift=4)
+        draw_geometry(geom, masks[i])
         rows, cols = np.nonzero(masks[i].any(axis=1))[0], np.nonzero(masks[i].any(axis=0))[0]
         keep[i] = len(rows) > 0
         if keep[i]:
@@ -441,7 +458,8 @@ class Photometric(Augment):
 
 
 class TrainAugment:
-    """The training pipeline: mosaic -> affine -> horizontal flip -> photometric (each optional).
+    """The training pipeline: mosaic -> mixup -> cutmix -> copy-paste -> affine -> horizontal flip ->
+    photometric (each optional; the mixing steps are off by default).
 
     `set_epoch(epoch, epochs)` switches each step off at its `off_epoch`, and the strong ones (mosaic,
     affine, photometric) for the last `no_aug_last_epochs` epochs when the total is given.
@@ -462,20 +480,28 @@ class TrainAugment:
             ph.p, ph.off_epoch, ph.brightness, ph.contrast, ph.hsv_h, ph.hsv_s, ph.hsv_v, ph.gamma, ph.blur_p, ph.noise_p
         )
         self.no_aug_last_epochs = int(getattr(cfg, "no_aug_last_epochs", 0) or 0)
+        from dfineseg.data.mixing import CopyPaste, CutMix, MixUp
+
+        self.mixing = [
+            cls(step.p, step.off_epoch, load_random)
+            for cls, step in ((MixUp, cfg.mixup), (CutMix, cfg.cutmix), (CopyPaste, cfg.copy_paste))
+        ]
 
     @property
     def steps(self) -> list[Augment]:
-        return [self.mosaic, self.affine, self.hflip, self.photometric]
+        return [self.mosaic, *self.mixing, self.affine, self.hflip, self.photometric]
 
     def set_epoch(self, epoch: int, epochs: int | None = None) -> None:
         for step in self.steps:
             step.set_epoch(epoch)
         if epochs is not None and self.no_aug_last_epochs and epoch >= epochs - self.no_aug_last_epochs:
-            for step in (self.mosaic, self.affine, self.photometric):
+            for step in (self.mosaic, *self.mixing, self.affine, self.photometric):
                 step.enabled = False
 
     def __call__(self, sample: Sample, rng: np.random.Generator, hw: tuple[int, int]) -> Sample:
         sample = self.mosaic(sample, rng, hw)
+        for step in self.mixing:  # each combines this image with another training image (seed 003 section 5)
+            sample = step(sample, rng, hw)
         if sample.image.shape[0] > 2 * hw[0] or sample.image.shape[1] > 2 * hw[1]:
             sample = fit_within(sample, (2 * hw[0], 2 * hw[1]))  # keep the affine warp cheap on big photos
         sample = self.affine(sample, rng)
