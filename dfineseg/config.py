@@ -188,6 +188,9 @@ class ModelConfig(Section):
     backbone: Literal["hgnetv2", "dinov2_s", "dinov2_b", "dinov2_t"] = Field(
         "hgnetv2", description="hgnetv2 (official D-FINE), or a DINOv2 ViT/14 (dinov2_t: a test-sized ViT)")
     lora: LoraConfig = LoraConfig()
+    memory_fusion: Literal["none", "dense"] = Field(
+        "none", description="Stable-DINO dense memory fusion: backbone, FPN and PAN features per level fused "
+        "before the decoder (seed 004)")
     task: Literal["detect", "segment"] = "segment"
     num_classes: int | None = Field(None, ge=1, description="default: from the dataset")
     num_queries: int = Field(300, ge=1)

@@ -124,3 +124,14 @@ def test_official_dfine_file_into_a_dinov2_model_loads_encoder_and_decoder_and_l
     assert all(torch.equal(state[k], v) for k, v in fresh.items())  # the ViT keeps its own weights
     for key in ("encoder.input_proj.0.conv.weight", "decoder.dec_score_head.0.weight"):
         assert torch.equal(state[key], ema[key])
+
+
+def test_official_file_into_a_model_with_dense_memory_fusion_keeps_the_fusion_fresh(tmp_path: Path):
+    path, ema = _fake_official(tmp_path, num_classes=3)
+    model = DFINESeg("tiny", 3, "segment", memory_fusion="dense")
+    fresh = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("encoder.fusion.")}
+    assert fresh
+    load_weights(model, path)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in fresh.items())
+    assert torch.equal(state["encoder.pan_blocks.0.cv1.conv.weight"], ema["encoder.pan_blocks.0.cv1.conv.weight"])

@@ -62,7 +62,7 @@ class DFINESeg(nn.Module):
     def __init__(self, size: str, num_classes: int, task: str = "segment", num_queries: int = 300,
                  num_denoising: int = 100, fpn_channels: int = 64, mask_channels: int = 64, embed_layers: int = 3,
                  depthwise_mask: bool = True, mask_norm: str = "bn", backbone: str = "hgnetv2",
-                 lora_rank: int = 0, lora_targets: tuple[str, ...] = ("qkv", "proj")):
+                 lora_rank: int = 0, lora_targets: tuple[str, ...] = ("qkv", "proj"), memory_fusion: str = "none"):
         super().__init__()
         if size not in SIZES:
             raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
@@ -97,7 +97,7 @@ class DFINESeg(nn.Module):
         self.encoder = HybridEncoder(
             list(spec.in_channels), list(spec.strides), spec.enc_hidden, nhead=spec.heads,
             dim_feedforward=spec.enc_ffn, use_encoder_idx=(spec.encoder_idx,), expansion=spec.expansion,
-            depth_mult=spec.depth_mult)
+            depth_mult=spec.depth_mult, memory_fusion=memory_fusion)
         if task == "segment":
             mask_in = [spec.enc_hidden] * len(spec.strides)
             if self.mask_from_backbone:
@@ -187,7 +187,8 @@ def build_model(model_cfg: Any, num_classes: int) -> DFINESeg:
         num_denoising=model_cfg.num_denoising, fpn_channels=mh.fpn_channels, mask_channels=mh.mask_channels,
         embed_layers=mh.embed_layers, depthwise_mask=mh.depthwise, mask_norm=mh.norm,
         backbone=getattr(model_cfg, "backbone", "hgnetv2"), lora_rank=lora_rank(model_cfg),
-        lora_targets=tuple(model_cfg.lora.targets) if hasattr(model_cfg, "lora") else ("qkv", "proj"))
+        lora_targets=tuple(model_cfg.lora.targets) if hasattr(model_cfg, "lora") else ("qkv", "proj"),
+        memory_fusion=getattr(model_cfg, "memory_fusion", "none"))
     if getattr(model_cfg, "freeze_backbone", False):
         for p in model.backbone.parameters():
             p.requires_grad_(False)

@@ -132,8 +132,11 @@ def sincos_position_embedding(h: int, w: int, dim: int, temperature: float = 100
 class HybridEncoder(nn.Module):
     def __init__(self, in_channels: list[int], feat_strides: list[int], hidden_dim: int = 256, nhead: int = 8,
                  dim_feedforward: int = 1024, use_encoder_idx: tuple[int, ...] = (2,), num_encoder_layers: int = 1,
-                 expansion: float = 1.0, depth_mult: float = 1.0, pe_temperature: float = 10000.0):
+                 expansion: float = 1.0, depth_mult: float = 1.0, pe_temperature: float = 10000.0,
+                 memory_fusion: str = "none"):
         super().__init__()
+        if memory_fusion not in ("none", "dense"):
+            raise ValueError(f"memory_fusion must be 'none' or 'dense', got {memory_fusion!r}")
         self.in_channels = list(in_channels)
         self.feat_strides = list(feat_strides)
         self.hidden_dim = hidden_dim
@@ -159,11 +162,18 @@ class HybridEncoder(nn.Module):
             nn.Sequential(SCDown(hidden_dim, hidden_dim)) for _ in range(levels - 1))
         self.pan_blocks = nn.ModuleList(
             RepNCSPELAN4(hidden_dim * 2, hidden_dim, hidden_dim * 2, c4, n) for _ in range(levels - 1))
+        # Stable-DINO's dense memory fusion (seed 004 section 3), adapted to the hybrid encoder: per level, the
+        # backbone feature (input projection), the top-down (FPN) and the bottom-up (PAN) outputs are
+        # concatenated and projected back to the hidden width; the decoder reads the fused maps. Registered
+        # last and absent when off, so the official keys and their order are unchanged.
+        if memory_fusion == "dense":
+            self.fusion = nn.ModuleList(ConvNorm(hidden_dim * 3, hidden_dim, 1) for _ in range(levels))
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         if len(feats) != len(self.in_channels):
             raise ValueError(f"HybridEncoder expects {len(self.in_channels)} feature maps, got {len(feats)}")
         proj = [p(f) for p, f in zip(self.input_proj, feats, strict=True)]
+        from_backbone = list(proj)
         for enc, idx in zip(self.encoder, self.use_encoder_idx, strict=True):
             b, c, h, w = proj[idx].shape
             tokens = proj[idx].flatten(2).transpose(1, 2)
@@ -184,4 +194,7 @@ class HybridEncoder(nn.Module):
         for step in range(levels - 1):
             down = self.downsample_convs[step](outs[-1])
             outs.append(self.pan_blocks[step](torch.cat([down, inner[step + 1]], dim=1)))
+        if hasattr(self, "fusion"):
+            outs = [fuse(torch.cat(parts, dim=1))
+                    for fuse, *parts in zip(self.fusion, from_backbone, inner, outs, strict=True)]
         return outs

@@ -24,6 +24,8 @@ log = logging.getLogger("dfineseg")
 
 SIZE_DEPENDENT = ("decoder.anchors", "decoder.valid_mask")
 _SKIP_SUFFIX = ("num_batches_tracked",)
+# Modules of dfineseg's switches that official files never have (they stay at their initialisation).
+OWN_PREFIXES = ("encoder.fusion.",)
 
 
 class WeightsError(ValueError):
@@ -99,14 +101,14 @@ def _guess_size(state: dict[str, torch.Tensor], prefix: str = "backbone.") -> st
 
 
 def _merge(model_state: dict[str, torch.Tensor], file_state: dict[str, torch.Tensor], path: Path, *,
-           prefix: str, class_keys: set[str], scope: tuple[str, ...], size: str
+           prefix: str, class_keys: set[str], scope: tuple[str, ...], size: str, official: bool = False
            ) -> tuple[dict[str, torch.Tensor], list[str], int]:
     merged = dict(model_state)
     reinit: list[str] = []
     loaded = 0
     hint = f"the model is size {size!r}; the file looks like size {_guess_size(file_state, prefix)!r}"
     for key, ours in model_state.items():
-        if not key.startswith(scope) or key in SIZE_DEPENDENT:
+        if not key.startswith(scope) or key in SIZE_DEPENDENT or (official and key.startswith(OWN_PREFIXES)):
             continue
         fkey = key[len("backbone."):] if prefix == "" else key
         theirs = file_state.get(fkey)
@@ -160,7 +162,7 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
             scope = ("encoder.", "decoder.")
             skipped = [k for k in state if k.startswith("backbone.")]
         merged, reinit, loaded = _merge(model_state, state, path, prefix="backbone.", class_keys=class_keys,
-                                        scope=scope, size=size)
+                                        scope=scope, size=size, official=True)
     else:
         scope = ("backbone.", "encoder.", "decoder.", "mask_head.")
         if any(k.startswith("mask_head.") for k in model_state) != any(k.startswith("mask_head.") for k in state):
