@@ -66,3 +66,15 @@ def test_dense_fusion_model_trains_and_exports_with_parity(small_data, tmp_path)
     paths = export_model(best, ecfg, say=None)
     summary = json.loads(paths["summary"].read_text())
     assert all(summary["artefacts"][k]["parity"]["passed"] for k in ("onnx", "openvino")), summary
+
+
+def test_ablation_table_reports_mean_and_sd_per_variant():
+    from dfineseg.benchmarks.seed_ablation import _variant, table
+
+    assert _variant("fusion=model.memory_fusion=dense,data.augment.mixup.p=0.5") == (
+        "fusion", ["model.memory_fusion=dense", "data.augment.mixup.p=0.5"])
+    assert _variant("default=") == ("default", [])
+    rows = [{"variant": "default", "mask_f1": f, "box_f1": f, "mask_map50_95": 0.1, "s_per_step": 1.0}
+            for f in (0.2, 0.4)]
+    text = table(rows)
+    assert "| default | 2 | 0.300 ± 0.141 |" in text
