@@ -188,6 +188,9 @@ class ModelConfig(Section):
     backbone: Literal["hgnetv2", "dinov2_s", "dinov2_b", "dinov2_t"] = Field(
         "hgnetv2", description="hgnetv2 (official D-FINE), or a DINOv2 ViT/14 (dinov2_t: a test-sized ViT)")
     lora: LoraConfig = LoraConfig()
+    query_selection: Literal["box", "mask"] = Field(
+        "box", description="mask: Mask DINO's unified query selection, the encoder's top tokens predict masks "
+        "(supervised) and their boxes start the decoder (seed 001; segment only)")
     memory_fusion: Literal["none", "dense"] = Field(
         "none", description="Stable-DINO dense memory fusion: backbone, FPN and PAN features per level fused "
         "before the decoder (seed 004)")

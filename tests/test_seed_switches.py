@@ -40,6 +40,12 @@ def test_dense_fusion_reads_backbone_fpn_and_pan_features_of_each_level():
 
 
 def test_dense_fusion_model_trains_and_exports_with_parity(small_data, tmp_path):
+    model = _train_and_export(small_data, tmp_path, {"memory_fusion": "dense"})
+    assert any(k.startswith("encoder.fusion.") for k in model.state_dict())
+
+
+def _train_and_export(small_data, tmp_path, switches: dict):
+    """Train the tiny model one epoch with `switches` under model:, export ONNX + OpenVINO with parity."""
     from dfineseg.config import build_config
     from dfineseg.export.api import export_model
     from dfineseg.model.checkpoint import config_from_checkpoint, load_checkpoint
@@ -48,17 +54,16 @@ def test_dense_fusion_model_trains_and_exports_with_parity(small_data, tmp_path)
     cfg = build_config({
         "data": {"path": str(small_data), "imgsz": 64, "workers": 0,
                  "augment": {"mosaic": {"p": 0.0}, "affine": {"p": 0.0}}},
-        "model": {"size": "tiny", "num_queries": 10, "num_denoising": 6, "memory_fusion": "dense"},
+        "model": {"size": "tiny", "num_queries": 10, "num_denoising": 6, **switches},
         "eval": {"plots": False, "batch": 2},
-        "train": {"epochs": 1, "batch": 2, "project": str(tmp_path), "name": "fusion", "warmup_iters": 1,
+        "train": {"epochs": 1, "batch": 2, "project": str(tmp_path), "name": "switch", "warmup_iters": 1,
                   "ema_warmup": 2, "seed": 0, "tensorboard": False, "plot_images": 0},
     })
     trainer = Trainer(cfg)
     best = trainer.fit()
-    assert any(k.startswith("encoder.fusion.") for k in trainer.model.state_dict())
     assert isinstance(trainer.model, DFINESeg)
     ecfg = config_from_checkpoint(load_checkpoint(best))
-    assert ecfg.model.memory_fusion == "dense"
+    assert all(getattr(ecfg.model, k) == v for k, v in switches.items())
     ecfg.data.path = str(small_data)
     ecfg.export.formats = ["onnx", "openvino"]
     ecfg.export.out = str(tmp_path / "export")
@@ -66,6 +71,7 @@ def test_dense_fusion_model_trains_and_exports_with_parity(small_data, tmp_path)
     paths = export_model(best, ecfg, say=None)
     summary = json.loads(paths["summary"].read_text())
     assert all(summary["artefacts"][k]["parity"]["passed"] for k in ("onnx", "openvino")), summary
+    return trainer.model
 
 
 def test_ablation_table_reports_mean_and_sd_per_variant():
@@ -78,3 +84,61 @@ def test_ablation_table_reports_mean_and_sd_per_variant():
             for f in (0.2, 0.4)]
     text = table(rows)
     assert "| default | 2 | 0.300 ± 0.141 |" in text
+
+
+# ------------------------------------------------------------------ model.query_selection=mask (Mask DINO)
+def test_mask_anchor_boxes_are_the_masks_extents_or_the_fallback():
+    from dfineseg.model.decoder import mask_anchor_boxes
+
+    logits = torch.full((1, 3, 8, 10), -5.0)
+    logits[0, 0, 2:6, 1:4] = 5.0  # rows 2..5, cols 1..3
+    logits[0, 1, 0:8, 9:10] = 5.0
+    fallback = torch.full((1, 3, 4), 0.3)
+    boxes = mask_anchor_boxes(logits, fallback).sigmoid()
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([2.5 / 10, 4 / 8, 3 / 10, 4 / 8]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(boxes[0, 1], torch.tensor([9.5 / 10, 0.5, 0.1, 1.0 - 1e-4]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(boxes[0, 2], torch.full((4,), 0.3).sigmoid())  # empty mask: its own box
+
+
+def test_mask_query_selection_starts_the_decoder_from_mask_boxes_and_supervises_encoder_masks():
+    from dfineseg.benchmarks.train_step import _targets
+    from dfineseg.config import LossConfig
+    from dfineseg.loss.criterion import build_criterion
+
+    torch.manual_seed(0)
+    model = DFINESeg("tiny", 3, "segment", num_queries=10, num_denoising=0, query_selection="mask")
+    images = torch.rand(2, 3, 64, 64)
+    seen = {}
+    original = model.decoder._run_layers
+
+    def spy(target, ref_unact, *args, **kwargs):
+        seen["ref"] = ref_unact
+        return original(target, ref_unact, *args, **kwargs)
+
+    model.decoder._run_layers = spy
+    out = model(images, _targets(2, 64, 64, 3))
+    enc = out["enc_aux_outputs"][0]
+    pan, mask_in = model.features(images)
+    pixels = model.mask_head.pixel_features(mask_in)
+    from dfineseg.model.decoder import mask_anchor_boxes
+
+    expected = mask_anchor_boxes(model.mask_head.mask_logits(out_enc_memory(model, images), pixels),
+                                 torch.logit(enc["pred_boxes"].clamp(1e-6, 1 - 1e-6)))
+    torch.testing.assert_close(seen["ref"], expected, atol=1e-4, rtol=1e-4)
+    losses = build_criterion(LossConfig(), 3, "segment")(out, _targets(2, 64, 64, 3))
+    assert any("enc" in k and "mask" in k for k in losses), sorted(losses)
+    plain = DFINESeg("tiny", 3, "segment", num_queries=10, num_denoising=0)
+    plain_losses = build_criterion(LossConfig(), 3, "segment")(plain(images, _targets(2, 64, 64, 3)),
+                                                                 _targets(2, 64, 64, 3))
+    assert not any("enc" in k and "mask" in k for k in plain_losses)
+
+
+def out_enc_memory(model, images):
+    """The selected encoder states of a training forward (the decoder's extras), recomputed."""
+    pan, mask_in = model.features(images)
+    _, extras, _ = model.decode(pan, mask_in)
+    return extras["enc_memory"]
+
+
+def test_mask_query_selection_trains_and_exports_with_parity(small_data, tmp_path):
+    _train_and_export(small_data, tmp_path, {"query_selection": "mask"})

@@ -146,7 +146,9 @@ class DFINESegCriterion(nn.Module):
         pre = (
             self._sanitize(_no_masks(outputs["pre_outputs"]), counter) if outputs.get("pre_outputs") else None
         )
-        enc = [self._sanitize(_no_masks(o), counter) for o in outputs.get("enc_aux_outputs") or []]
+        # With query_selection=mask (Mask DINO) the encoder's selected tokens carry masks, supervised too.
+        enc_masks = bool((outputs.get("enc_meta") or {}).get("masks", False))
+        enc = [self._sanitize(o if enc_masks else _no_masks(o), counter) for o in outputs.get("enc_aux_outputs") or []]
         dn = [self._sanitize(o, counter) for o in outputs.get("dn_outputs") or []]
         dn_pre = (
             self._sanitize(_no_masks(outputs["dn_pre_outputs"]), counter)

@@ -38,6 +38,24 @@ def distance2bbox(ref: torch.Tensor, dist: torch.Tensor, reg_scale: torch.Tensor
     return box_convert(torch.stack([x1, y1, x2, y2], -1), "xyxy", "cxcywh")
 
 
+def mask_anchor_boxes(mask_logits: torch.Tensor, fallback_unact: torch.Tensor) -> torch.Tensor:
+    """Boxes around masks (logit > 0), as unactivated normalised cxcywh like `fallback_unact` [B,K,4], which
+    is kept where a mask is empty. Plain reductions only, so it exports to ONNX and OpenVINO."""
+    h, w = mask_logits.shape[-2:]
+    on = mask_logits > 0
+    rows, cols = on.any(-1), on.any(-2)  # [B,K,h], [B,K,w]
+    ys = torch.arange(h, device=mask_logits.device, dtype=mask_logits.dtype)
+    xs = torch.arange(w, device=mask_logits.device, dtype=mask_logits.dtype)
+    big = torch.full_like(ys[:1], float(max(h, w)))
+    y0 = torch.where(rows, ys, big).amin(-1)
+    y1 = torch.where(rows, ys, -big).amax(-1) + 1
+    x0 = torch.where(cols, xs, big).amin(-1)
+    x1 = torch.where(cols, xs, -big).amax(-1) + 1
+    box = torch.stack([(x0 + x1) / (2 * w), (y0 + y1) / (2 * h), (x1 - x0) / w, (y1 - y0) / h], -1)
+    box = inverse_sigmoid(box.clamp(1e-4, 1 - 1e-4))
+    return torch.where(rows.any(-1, keepdim=True), box, fallback_unact)
+
+
 def linear_stack_forward(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
     """Linear layers with ReLU between them (none after the last): the MLP of every head and the mask
     head's query embedding."""
@@ -282,7 +300,7 @@ class DFINEDecoder(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, feats: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None,
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
+                select_masks: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """-> (D-FINE output dict, extras).
 
         extras: `hidden` [L',B,Q',D] query states of the layers that produced outputs (every layer in
@@ -312,6 +330,10 @@ class DFINEDecoder(nn.Module):
 
         content = sel_mem.detach()
         ref_unact = enc_ref_unact.detach()
+        if select_masks is not None:
+            # Mask DINO's mask-enhanced anchor boxes (seed 001): the selected tokens' masks (`select_masks`:
+            # states -> mask logits [B,K,h,w]) give the decoder's initial boxes; an empty mask keeps its box.
+            ref_unact = mask_anchor_boxes(select_masks(sel_mem).detach(), ref_unact)
         if dn_content is not None:
             content = torch.cat([dn_content, content], 1)
             ref_unact = torch.cat([dn_ref, ref_unact], 1)

@@ -62,8 +62,12 @@ class DFINESeg(nn.Module):
     def __init__(self, size: str, num_classes: int, task: str = "segment", num_queries: int = 300,
                  num_denoising: int = 100, fpn_channels: int = 64, mask_channels: int = 64, embed_layers: int = 3,
                  depthwise_mask: bool = True, mask_norm: str = "bn", backbone: str = "hgnetv2",
-                 lora_rank: int = 0, lora_targets: tuple[str, ...] = ("qkv", "proj"), memory_fusion: str = "none"):
+                 lora_rank: int = 0, lora_targets: tuple[str, ...] = ("qkv", "proj"), memory_fusion: str = "none",
+                 query_selection: str = "box"):
         super().__init__()
+        if query_selection not in ("box", "mask") or (query_selection == "mask" and task != "segment"):
+            raise ValueError(f"query_selection={query_selection!r}: 'box', or 'mask' for a segment model")
+        self.query_selection = query_selection
         if size not in SIZES:
             raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
         if task not in ("detect", "segment"):
@@ -117,13 +121,29 @@ class DFINESeg(nn.Module):
             return pan, None
         return pan, ([bb[1], *pan] if self.mask_from_backbone else pan)
 
+    def decode(self, pan: list[torch.Tensor], mask_in: list[torch.Tensor] | None,
+               targets: list[dict[str, torch.Tensor]] | None = None) -> tuple[dict[str, Any], dict[str, Any], Any]:
+        """Decoder outputs, extras and the mask head's pixel features (None for detect). With
+        query_selection=mask the pixel features come first: the selected tokens' masks give the anchors."""
+        if mask_in is None:
+            return (*self.decoder(pan, targets), None)
+        if self.query_selection == "mask":
+            pixels = self.mask_head.pixel_features(mask_in)
+            out, extras = self.decoder(pan, targets, select_masks=lambda h: self.mask_head.mask_logits(h, pixels))
+            if self.training:  # the encoder's selected tokens are supervised on masks too (Mask DINO)
+                enc = out["enc_aux_outputs"][0]
+                enc["mask_embed"], enc["mask_pixels"] = self.mask_head.scaled_embedding(extras["enc_memory"]), pixels
+                out["enc_meta"]["masks"] = True
+            return out, extras, pixels
+        out, extras = self.decoder(pan, targets)
+        return out, extras, self.mask_head.pixel_features(mask_in)
+
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
         pan, mask_in = self.features(images)
-        out, extras = self.decoder(pan, targets)
-        if mask_in is None:
+        out, extras, pixels = self.decode(pan, mask_in, targets)
+        if pixels is None:
             return out
-        pixels = self.mask_head.pixel_features(mask_in)
         if not self.training:
             out["pred_masks"] = self.mask_head.mask_logits(extras["hidden"][-1], pixels)
             return out
@@ -161,7 +181,7 @@ class DeployModel(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m = self.model
         pan, mask_in = m.features(images)
-        out, extras = m.decoder(pan)
+        out, extras, pixels = m.decode(pan, mask_in)
         probs = out["pred_logits"].sigmoid()
         best, labels = probs.max(-1)
         k = min(self.topk, int(best.shape[1]))
@@ -173,7 +193,7 @@ class DeployModel(nn.Module):
             return scores, labels, boxes
         hidden = extras["hidden"][-1]
         hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
-        masks = m.mask_head.mask_logits(hidden, m.mask_head.pixel_features(mask_in))
+        masks = m.mask_head.mask_logits(hidden, pixels)
         return scores, labels, boxes, masks
 
 
@@ -188,7 +208,8 @@ def build_model(model_cfg: Any, num_classes: int) -> DFINESeg:
         embed_layers=mh.embed_layers, depthwise_mask=mh.depthwise, mask_norm=mh.norm,
         backbone=getattr(model_cfg, "backbone", "hgnetv2"), lora_rank=lora_rank(model_cfg),
         lora_targets=tuple(model_cfg.lora.targets) if hasattr(model_cfg, "lora") else ("qkv", "proj"),
-        memory_fusion=getattr(model_cfg, "memory_fusion", "none"))
+        memory_fusion=getattr(model_cfg, "memory_fusion", "none"),
+        query_selection=getattr(model_cfg, "query_selection", "box"))
     if getattr(model_cfg, "freeze_backbone", False):
         for p in model.backbone.parameters():
             p.requires_grad_(False)
