@@ -142,3 +142,41 @@ def out_enc_memory(model, images):
 
 def test_mask_query_selection_trains_and_exports_with_parity(small_data, tmp_path):
     _train_and_export(small_data, tmp_path, {"query_selection": "mask"})
+
+
+# ------------------------------------------------------------------ model.decoder_balance=di (DI-MaskDINO)
+def test_de_imbalance_interacts_then_keeps_the_best_scoring_tokens():
+    from dfineseg.model.balance import DeImbalance
+
+    torch.manual_seed(0)
+    di = DeImbalance(16, 2, 32, layers=2).eval()
+    head = torch.nn.Linear(16, 3)
+    tokens, ref = torch.rand(2, 12, 16), torch.randn(2, 12, 4)
+    with torch.no_grad():
+        kept, kept_ref, aux = di(tokens, ref, head, keep=5)
+    assert kept.shape == (2, 5, 16) and kept_ref.shape == (2, 5, 4) and len(aux) == 2
+    torch.testing.assert_close(aux[0]["pred_boxes"], ref.sigmoid())  # zero-initialised deltas: boxes kept at start
+    scores = aux[-1]["pred_logits"].max(-1).values
+    best = scores.topk(5, dim=1).indices
+    for b in range(2):  # the second selection: the interacted tokens with the best scores, with their boxes
+        torch.testing.assert_close(kept_ref[b], ref[b, best[b]])
+    assert not torch.allclose(kept, tokens.gather(1, best[..., None].expand(-1, -1, 16)))  # tokens interacted
+
+
+def test_di_model_selects_twice_the_queries_first_and_supervises_each_interaction_layer():
+    from dfineseg.benchmarks.train_step import _targets
+    from dfineseg.config import LossConfig
+    from dfineseg.loss.criterion import build_criterion
+
+    torch.manual_seed(0)
+    model = DFINESeg("tiny", 3, "segment", num_queries=10, num_denoising=0, decoder_balance="di")
+    targets = _targets(2, 64, 64, 3)
+    out = model(torch.rand(2, 3, 64, 64), targets)
+    enc = out["enc_aux_outputs"]
+    assert len(enc) == 3 and enc[0]["pred_logits"].shape[1] == 20 and out["pred_logits"].shape[1] == 10
+    losses = build_criterion(LossConfig(), 3, "segment")(out, targets)
+    assert any(k.endswith("_enc_2") for k in losses), sorted(losses)
+
+
+def test_di_model_trains_and_exports_with_parity(small_data, tmp_path):
+    _train_and_export(small_data, tmp_path, {"decoder_balance": "di"})

@@ -166,7 +166,12 @@ class DFINESegCriterion(nn.Module):
         own_aux = [self.matcher(o, tgts) for o in aux]
         own_pre = self.matcher(pre, tgts) if pre is not None else None
         own_enc = [self.matcher(o, enc_tgts) for o in enc]
-        go = union_of_matches([own, *own_aux, *([own_pre] if own_pre is not None else []), *own_enc])
+        # The union (GO-LSD) is over outputs of the decoder's queries; an output over another token set (the
+        # first selection of decoder_balance=di) is matched, and box-supervised, on its own.
+        queries = main["pred_logits"].shape[1]
+        same = [o["pred_logits"].shape[1] == queries for o in enc]
+        go = union_of_matches([own, *own_aux, *([own_pre] if own_pre is not None else []),
+                               *(m for m, s in zip(own_enc, same, strict=True) if s)])
 
         num_boxes = _world_mean(sum(len(t["labels"]) for t in tgts), device)
         num_go = _world_mean(sum(len(q) for q, _ in go), device)
@@ -183,8 +188,9 @@ class DFINESegCriterion(nn.Module):
             losses.update(self._terms(o, tgts, m, go, num_boxes, num_go, ctx, f"_aux_{i}"))
         if pre is not None:
             losses.update(self._terms(pre, tgts, own_pre, go, num_boxes, num_go, ctx, "_pre"))
-        for i, (o, m) in enumerate(zip(enc, own_enc)):
-            losses.update(self._terms(o, enc_tgts, m, go, num_boxes, num_go, ctx, f"_enc_{i}"))
+        for i, (o, m, s) in enumerate(zip(enc, own_enc, same, strict=True)):
+            box_idx, n_box = (go, num_go) if s else (m, num_boxes)
+            losses.update(self._terms(o, enc_tgts, m, box_idx, num_boxes, n_box, ctx, f"_enc_{i}"))
 
         dn_meta = outputs.get("dn_meta")
         if dn and dn_meta is not None and dn_meta.get("dn_positive_idx") is not None:

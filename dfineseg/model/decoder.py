@@ -202,7 +202,7 @@ class DFINEDecoder(nn.Module):
                  num_points: list[int], num_layers: int, nhead: int = 8, dim_feedforward: int = 1024,
                  num_queries: int = 300, num_denoising: int = 100, label_noise_ratio: float = 0.5,
                  box_noise_scale: float = 1.0, reg_max: int = 32, reg_scale: float = 4.0,
-                 anchor_size: tuple[int, int] = (640, 640)):
+                 anchor_size: tuple[int, int] = (640, 640), decoder_balance: str = "none"):
         super().__init__()
         if len(num_points) != len(feat_strides):
             raise ValueError("one point count per feature level is needed")
@@ -252,6 +252,15 @@ class DFINEDecoder(nn.Module):
         self.register_buffer("anchors", anchors)
         self.register_buffer("valid_mask", valid)
         self._init()
+        if decoder_balance not in ("none", "di"):
+            raise ValueError(f"decoder_balance must be 'none' or 'di', got {decoder_balance!r}")
+        # DI-MaskDINO's De-Imbalance module (dfineseg/model/balance.py); registered last and only when on, so
+        # the official keys and their order stay as they are.
+        self.balance = None
+        if decoder_balance == "di":
+            from dfineseg.model.balance import DeImbalance
+
+            self.balance = DeImbalance(hidden_dim, nhead, dim_feedforward)
 
     def _init(self) -> None:
         cls_bias = prior_bias(0.01)
@@ -323,17 +332,21 @@ class DFINEDecoder(nn.Module):
         # Only query selection sees the masked memory; the cross-attention values stay unmasked (official).
         enc_mem = self.enc_output(valid.to(memory.dtype) * memory)
         enc_logits = self.enc_score_head(enc_mem)
-        idx = enc_logits.max(-1).values.topk(topk, dim=1).indices
+        first = topk if self.balance is None else min(self.balance.first_factor * topk, int(memory.shape[1]))
+        idx = enc_logits.max(-1).values.topk(first, dim=1).indices
         sel_mem = enc_mem.gather(1, idx[..., None].expand(-1, -1, enc_mem.shape[-1]))
         sel_anchor = anchors.expand(memory.shape[0], -1, -1).gather(1, idx[..., None].expand(-1, -1, 4))
         enc_ref_unact = self.enc_bbox_head(sel_mem) + sel_anchor
 
         content = sel_mem.detach()
         ref_unact = enc_ref_unact.detach()
+        balance_aux: list[dict[str, torch.Tensor]] = []
+        if self.balance is not None:  # the balance-aware query: interaction, then the second selection
+            content, ref_unact, balance_aux = self.balance(content, ref_unact, self.enc_score_head, topk)
         if select_masks is not None:
             # Mask DINO's mask-enhanced anchor boxes (seed 001): the selected tokens' masks (`select_masks`:
             # states -> mask logits [B,K,h,w]) give the decoder's initial boxes; an empty mask keeps its box.
-            ref_unact = mask_anchor_boxes(select_masks(sel_mem).detach(), ref_unact)
+            ref_unact = mask_anchor_boxes(select_masks(content).detach(), ref_unact)
         if dn_content is not None:
             content = torch.cat([dn_content, content], 1)
             ref_unact = torch.cat([dn_ref, ref_unact], 1)
@@ -342,7 +355,9 @@ class DFINEDecoder(nn.Module):
         out, extras = self._assemble(layers, dn_meta)
         if self.training:
             sel_logits = enc_logits.gather(1, idx[..., None].expand(-1, -1, enc_logits.shape[-1]))
-            out["enc_aux_outputs"] = [{"pred_logits": sel_logits, "pred_boxes": enc_ref_unact.sigmoid()}]
+            # The encoder's selection, then (decoder_balance=di) each token-interaction layer, supervised alike.
+            out["enc_aux_outputs"] = [{"pred_logits": sel_logits, "pred_boxes": enc_ref_unact.sigmoid()},
+                                      *balance_aux]
             out["enc_meta"] = {"class_agnostic": False}
             extras["enc_memory"] = sel_mem
         return out, extras

@@ -63,7 +63,7 @@ class DFINESeg(nn.Module):
                  num_denoising: int = 100, fpn_channels: int = 64, mask_channels: int = 64, embed_layers: int = 3,
                  depthwise_mask: bool = True, mask_norm: str = "bn", backbone: str = "hgnetv2",
                  lora_rank: int = 0, lora_targets: tuple[str, ...] = ("qkv", "proj"), memory_fusion: str = "none",
-                 query_selection: str = "box"):
+                 query_selection: str = "box", decoder_balance: str = "none"):
         super().__init__()
         if query_selection not in ("box", "mask") or (query_selection == "mask" and task != "segment"):
             raise ValueError(f"query_selection={query_selection!r}: 'box', or 'mask' for a segment model")
@@ -97,7 +97,8 @@ class DFINESeg(nn.Module):
         self.decoder = DFINEDecoder(
             num_classes, spec.dec_hidden, [spec.enc_hidden] * len(spec.strides), list(spec.strides),
             list(spec.points), spec.dec_layers, nhead=spec.heads, dim_feedforward=spec.dec_ffn,
-            num_queries=num_queries, num_denoising=num_denoising, reg_scale=spec.reg_scale)
+            num_queries=num_queries, num_denoising=num_denoising, reg_scale=spec.reg_scale,
+            decoder_balance=decoder_balance)
         self.encoder = HybridEncoder(
             list(spec.in_channels), list(spec.strides), spec.enc_hidden, nhead=spec.heads,
             dim_feedforward=spec.enc_ffn, use_encoder_idx=(spec.encoder_idx,), expansion=spec.expansion,
@@ -209,7 +210,8 @@ def build_model(model_cfg: Any, num_classes: int) -> DFINESeg:
         backbone=getattr(model_cfg, "backbone", "hgnetv2"), lora_rank=lora_rank(model_cfg),
         lora_targets=tuple(model_cfg.lora.targets) if hasattr(model_cfg, "lora") else ("qkv", "proj"),
         memory_fusion=getattr(model_cfg, "memory_fusion", "none"),
-        query_selection=getattr(model_cfg, "query_selection", "box"))
+        query_selection=getattr(model_cfg, "query_selection", "box"),
+        decoder_balance=getattr(model_cfg, "decoder_balance", "none"))
     if getattr(model_cfg, "freeze_backbone", False):
         for p in model.backbone.parameters():
             p.requires_grad_(False)

@@ -25,7 +25,7 @@ log = logging.getLogger("dfineseg")
 SIZE_DEPENDENT = ("decoder.anchors", "decoder.valid_mask")
 _SKIP_SUFFIX = ("num_batches_tracked",)
 # Modules of dfineseg's switches that official files never have (they stay at their initialisation).
-OWN_PREFIXES = ("encoder.fusion.",)
+OWN_PREFIXES = ("encoder.fusion.", "decoder.balance.")
 
 
 class WeightsError(ValueError):
