@@ -72,7 +72,8 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], Any, str]] = {
     "half": (_bool, False, "PyTorch checkpoints: fp16 on CUDA"),
     "threads": (_optional(_positive_int), None, "CPU threads for the runtime (default: the runtime's choice)"),
     "backend": (_optional(_text), None, "force a backend: torch, onnxruntime, openvino, tensorrt (default: by file)"),
-    "performance": (_text, "latency", "OpenVINO performance hint: latency or throughput"),
+    "performance": (_text, "latency", "latency or throughput: OpenVINO's hint; throughput also keeps several "
+                    "images of a folder or video in flight (OpenVINO) or pipelines them (ONNX Runtime)"),
     "batch": (_optional(_positive_int), None, "images per forward for dynamic-batch models (default 8)"),
     "max_det": (_optional(_positive_int), None, "keep at most this many detections per image (default: all kept)"),
     "nms_iou": (_optional(_fraction), None, "class-aware NMS IoU (off by default: DETR needs none)"),
@@ -229,7 +230,9 @@ def infer(opts: dict[str, Any], log: Callable[[str], None] = print) -> dict[str,
                 for frame, _, det, ids in predictor.track(((f, f.image) for f in source), _tracker(opts, predictor)):
                     writer.write(frame, det, track_ids=ids)
                     bar.update(1)
-            elif source.is_video and not opts["tile"]:
+            elif (source.is_video or opts["performance"] == "throughput") and not opts["tile"]:
+                # Video, or throughput mode on a folder: several frames in flight (OpenVINO's asynchronous
+                # requests, ONNX Runtime's pipeline), results written in order.
                 for frame, _, det in predictor.stream((f, f.image) for f in source):
                     writer.write(frame, det)
                     bar.update(1)
