@@ -93,9 +93,23 @@ def test_budget_shorter_than_an_epoch_stops_mid_epoch_in_time_for_the_final_vali
 def test_budget_plan_keeps_the_reserve_and_ends_on_an_epoch(small_data, tmp_path, capfd):
     """Enough for a few whole epochs: the plan (from the first steps, then each epoch) leaves the final
     validation's time, so the run ends on an epoch boundary with its decay finished, within the budget."""
-    tr = _ScriptedClock(_cfg(small_data, tmp_path, "epochs", time=0.6))  # 36 s; an epoch: 8 s + 1 s validation
+    # 31 s; an epoch: 8 s + 1 s validation; what is left after three epochs buys no step
+    tr = _ScriptedClock(_cfg(small_data, tmp_path, "epochs", time=31 / 60))
     tr.fit()
-    assert tr.clock <= 36 * 1.05, tr.clock
+    assert tr.clock <= 31 * 1.05, tr.clock
     assert tr.epoch_batch == 0 and tr.epoch == tr.total_epochs >= 2
     assert tr.schedule.total_steps == tr.step == tr.total_epochs * tr.steps_per_epoch
     assert "time budget: stopped" not in capfd.readouterr().err  # the plan held: no fallback stop
+
+
+def test_time_left_after_the_whole_epochs_buys_a_planned_partial_epoch(small_data, tmp_path, capfd):
+    """35 s; an epoch is 4 steps of 2 s plus a 1 s validation, the reserve 2 s. After three epochs 6 s are
+    left: not a whole epoch, but two steps and their validation. The plan takes them (14 steps), the lr decay
+    ends on step 14, the run stops there at a step boundary and reports within the budget; before, those
+    seconds went unused (12 steps)."""
+    tr = _ScriptedClock(_cfg(small_data, tmp_path, "partial", time=35 / 60))
+    tr.fit()
+    assert tr.clock <= 35 * 1.05, tr.clock
+    assert tr.step == 14 and tr.epoch_batch == 2 and tr.total_epochs == 4
+    assert tr.schedule.total_steps == 14 and tr.schedule.factor(tr.step) == pytest.approx(tr.tcfg.min_lr_frac)
+    assert "time budget: stopped at epoch 4 step 14 (batch 2 of 4)" in capfd.readouterr().err

@@ -8,9 +8,9 @@ validation (before the first one, a few val images predicted and scored, scaled 
 end-of-epoch writes and checkpoint saves, the slowest recent steps.
 
 The plan comes first: from the speed of the first optimizer steps, then refitted after each epoch, the run
-is given the whole epochs that fit before the reserve, so the lr decay ends with the run (until an epoch is
-measured, a budget that ends inside the planned last epoch, one shorter than an epoch say, decays over the
-steps that fit). When the plan overruns anyway (a machine that slowed down, a validation slower than
+is given the whole epochs that fit before the reserve, plus a last partial epoch when the time left buys at
+least a fifth of one, so the lr decay ends with the run (a budget that ends inside the planned last epoch,
+one shorter than an epoch say, decays over the steps that fit, and the run stops there at a step boundary). When the plan overruns anyway (a machine that slowed down, a validation slower than
 estimated) the run stops at a step boundary, before a step that would eat into the reserve, and says so;
 its last.pt is an ordinary mid-epoch checkpoint. Every decision is rank 0's broadcast, or all ranks'
 agreement, so every rank stops together.
@@ -33,6 +33,9 @@ from dfineseg.train import distributed as D
 FINAL_REPORT_FACTOR = 1.0
 # Recent optimizer steps whose slowest one stands for the next step (a busy machine's steps vary).
 STEP_WINDOW = 5
+# A last, partial epoch is planned when the time left after the whole epochs buys at least this share of an
+# epoch's steps (less would only shorten the flat part of the schedule).
+PARTIAL_EPOCH_MIN_SHARE = 0.2
 
 
 class TimeBudget:
@@ -128,11 +131,24 @@ class TimeBudget:
         if budget is None:
             return
         recent = (self.epoch_times + [this_epoch_s])[-3:]
-        per_epoch = sum(recent) / len(recent) + (self._val_s or 0.0) / self.tcfg.val_every + self._write_s
+        train_epoch = sum(recent) / len(recent)
+        per_epoch = train_epoch + (self._val_s or 0.0) / self.tcfg.val_every + self._write_s
         remaining = budget - self._elapsed() - self._final_val_s
-        total = self.epoch + 1 + max(0, int(remaining // max(per_epoch, 1e-6)))
-        total = D.broadcast_object(total)
-        self._plan_epochs(total)
+        whole = max(0, int(remaining // max(per_epoch, 1e-6)))
+        total = self.epoch + 1 + whole
+        # What is left after the whole epochs buys a last, partial epoch: its steps, after the validation and
+        # writes of the epoch before it (the reserve pays for the partial epoch's own). Up to an epoch of a
+        # short budget would otherwise go unused; the run stops inside it at a step boundary, as planned.
+        per_step = train_epoch / max(self.steps_per_epoch, 1)
+        left = remaining - whole * per_epoch - (self._val_s or 0.0) - self._write_s
+        extra = int(max(0.0, left) // max(per_step, 1e-6)) if whole or remaining > 0 else 0
+        extra = min(extra, self.steps_per_epoch - 1)
+        partial = extra >= 1 and extra >= PARTIAL_EPOCH_MIN_SHARE * self.steps_per_epoch
+        total, extra, partial = D.broadcast_object((total, extra, partial))
+        if partial:
+            self._plan_epochs(total + 1, total * self.steps_per_epoch + extra)
+        else:
+            self._plan_epochs(total)
 
     def _refit_from_steps(self, budget: float) -> None:
         """`time=`: a first fit from the speed of the first optimizer steps, so even a budget shorter than
