@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dfineseg.infer.postprocess import DEFAULT_NMS_IOU
 from dfineseg.overrides import ConfigError, load_yaml_with_bases, parse_overrides
 
 
@@ -76,7 +77,8 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], Any, str]] = {
                     "images of a folder or video in flight (OpenVINO) or pipelines them (ONNX Runtime)"),
     "batch": (_optional(_positive_int), None, "images per forward for dynamic-batch models (default 8)"),
     "max_det": (_optional(_positive_int), None, "keep at most this many detections per image (default: all kept)"),
-    "nms_iou": (_optional(_fraction), None, "class-aware NMS IoU (off by default: DETR needs none)"),
+    "nms_iou": (_optional(_fraction), DEFAULT_NMS_IOU, "class-aware NMS IoU after the threshold; none: off "
+                "(on by default: it removed duplicates and raised F1 on both measured datasets)"),
     "max_frames": (_optional(_positive_int), None, "stop a video or webcam after this many frames (default: all)"),
     "save_images": (_bool, True, "annotated images (or the annotated video for video/webcam sources)"),
     "save_json": (_bool, True, "predictions.json (COCO results, RLE masks) + images.json (id -> file)"),

@@ -28,7 +28,7 @@ from dfineseg.infer.batching import pad_batch, run_images
 from dfineseg.infer.detections import Detections
 from dfineseg.infer.graph import MASK_LOGITS, OUTPUT_NAMES
 from dfineseg.infer.metadata import ModelInfo
-from dfineseg.infer.postprocess import postprocess
+from dfineseg.infer.postprocess import DEFAULT_NMS_IOU, postprocess
 from dfineseg.infer.preprocess import preprocess
 
 __all__ = ["BackendUnavailableError", "InputImageError", "ModelFileError", "Predictor", "PredictorError"]
@@ -77,7 +77,7 @@ class Predictor:
         info: ModelInfo,
         conf: float | None = None,
         class_conf: Mapping[int, float] | None = None,
-        nms_iou: float | None = None,
+        nms_iou: float | None = DEFAULT_NMS_IOU,
         max_det: int | None = None,
         batch_size: int | None = None,
     ) -> None:
@@ -101,7 +101,7 @@ class Predictor:
         threads: int | None = None,
         backend: str | None = None,
         class_conf: Mapping[int, float] | None = None,
-        nms_iou: float | None = None,
+        nms_iou: float | None = DEFAULT_NMS_IOU,
         max_det: int | None = None,
         batch_size: int | None = None,
         **backend_options: Any,

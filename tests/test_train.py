@@ -187,19 +187,21 @@ def test_time_budget_overrides_epochs_and_ends_with_validation(small_data, tmp_p
     assert load_config(run / "config.yaml").train.time == 0.05
 
 
-def test_budget_refit_plans_only_whole_epochs_that_fit(small_data, tmp_path):
-    # Called when an epoch's training ends (epochs 0..3 done here), the refit may add only epochs that can
-    # finish: one that cannot would stretch the lr decay past the budget (found on the demo: the run
-    # ended with the lr raised from its minimum again, 1e-4 -> 2.2e-4, for one partial epoch).
+def test_budget_refit_plans_whole_epochs_then_a_partial_one_whose_decay_ends_in_time(small_data, tmp_path):
+    # Called when an epoch's training ends (epochs 0..3 done here). An epoch that cannot finish must not
+    # stretch the lr decay past the budget (found on the demo: the run ended with the lr raised from its
+    # minimum again, 1e-4 -> 2.2e-4, for one partial epoch): whole epochs are planned, and what is left buys
+    # a planned partial epoch whose decay ends on its last step.
     tr = Trainer(_cfg(small_data, tmp_path, "refit", epochs=50, time=1.0))
     tr._setup()
     spe = tr.steps_per_epoch
+    assert spe == 2  # 4 images, batch 2: a step costs 5 s of a 10 s epoch
     tr.epoch, tr.epoch_times, tr._final_val_s = 3, [10.0, 10.0], 2.0
-    tr._elapsed = lambda: 60.0 - 2.0 - 15.0  # 15 s left after the final validation: one 10 s epoch fits
+    tr._elapsed = lambda: 60.0 - 2.0 - 15.0  # 15 s left after the final validation: one epoch and one step
     tr._refit_to_budget(10.0)
-    assert tr.total_epochs == 5
-    assert tr.schedule.total_steps == 5 * spe and tr.ema.total_steps == 5 * spe
-    tr._elapsed = lambda: 60.0 - 2.0 - 5.0  # less than an epoch left: the epoch just trained is the last
+    assert tr.total_epochs == 6
+    assert tr.schedule.total_steps == 5 * spe + 1 and tr.ema.total_steps == 5 * spe + 1
+    tr._elapsed = lambda: 60.0 - 2.0 - 4.0  # less than a step left: the epoch just trained is the last
     tr._refit_to_budget(10.0)
     assert tr.total_epochs == 4 and tr.schedule.total_steps == 4 * spe
     # The decay reaches its floor at the end of the epoch just trained.

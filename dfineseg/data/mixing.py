@@ -30,7 +30,6 @@ from dfineseg.data.transforms import (
     crop_of,
     draw_geometry,
     fit_within,
-    warp_annotations,
     warp_sample,
 )
 
@@ -126,8 +125,13 @@ class CutMix(_Mixing):
         hidden[y0:y1, x0:x1] = True
         image = sample.image.copy()
         image[y0:y1, x0:x1] = other.image[y0:y1, x0:x1]
-        inside = warp_annotations(other, np.array([[1.0, 0, 0], [0, 1.0, 0]]), (h, w), (x0, y0, x1, y1))
-        return _combined(sample, image, [occlude(sample, hidden), inside])
+        # The other image's instances keep exactly their pixels inside the rectangle (removing the outside as
+        # an occlusion, so a rasterised polygon cannot spill a pixel past the pasted region).
+        labels, boxes, geoms = occlude(other, ~hidden)
+        for i, geom in enumerate(geoms):  # a box-only instance is cut to the rectangle
+            if geom is None:
+                boxes[i] = np.clip(boxes[i], [x0, y0, x0, y0], [x1, y1, x1, y1])
+        return _combined(sample, image, [occlude(sample, hidden), (labels, boxes, geoms)])
 
 
 class CopyPaste(_Mixing):

@@ -25,6 +25,7 @@ from dfineseg.infer.backends import (
 from dfineseg.infer.backends._common import parse_device
 from dfineseg.infer.graph import output_names
 from dfineseg.infer.metadata import ModelInfo
+from dfineseg.infer.postprocess import DEFAULT_NMS_IOU
 
 _HALF = {"f16", "fp16", "half"}
 
@@ -107,7 +108,8 @@ def open_backend(path: Path, **options: Any) -> TorchBackend:
 
 
 def model_predictor(
-    model: Any, info: ModelInfo, device: Any = "cpu", conf: float | None = None, nms_iou: float | None = None,
+    model: Any, info: ModelInfo, device: Any = "cpu", conf: float | None = None,
+    nms_iou: float | None = DEFAULT_NMS_IOU,
     class_conf: Any = None, batch_size: int | None = None,
 ) -> Any:
     """`predict(images) -> list[Detections]` for a model in memory, through the Predictor (the shared
