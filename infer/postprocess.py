@@ -57,17 +57,21 @@ def nms_class_aware(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, i
         return np.zeros(0, dtype=np.int64)
     order = np.argsort(-scores, kind="stable")
     b = boxes[order].astype(np.float64)
-    lab = labels[order]
-    iou = box_iou(b, b)
-    same = lab[:, None] == lab[None, :]
-    suppressed = np.zeros(len(b), dtype=bool)
+    return order[greedy_suppression(box_iou(b, b), labels[order], iou_thr)]
+
+
+def greedy_suppression(overlap: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices kept by greedy suppression over items sorted by descending score: each kept item removes the
+    later ones of its class whose `overlap` with it exceeds `threshold` (NMS; tile merging)."""
+    same = labels[:, None] == labels[None, :]
+    suppressed = np.zeros(len(labels), dtype=bool)
     keep = []
-    for i in range(len(b)):
+    for i in range(len(labels)):
         if suppressed[i]:
             continue
         keep.append(i)
-        suppressed |= same[i] & (iou[i] > iou_thr)
-    return order[np.array(keep, dtype=np.int64)]
+        suppressed |= same[i] & (overlap[i] > threshold)
+    return np.array(keep, dtype=np.int64)
 
 
 # OpenBLAS runs a product on all its threads above ~2.6e5 multiply-adds; on a busy CPU (or next to

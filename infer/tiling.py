@@ -24,6 +24,7 @@ import numpy as np
 from dfineseg.infer.boxes import box_area
 from dfineseg.infer.detections import Detections
 from dfineseg.infer.metrics import compact_mask_intersections
+from dfineseg.infer.postprocess import greedy_suppression
 
 
 def tile_windows(height: int, width: int, tile: int, overlap: float) -> list[tuple[int, int, int, int]]:
@@ -82,15 +83,7 @@ def merge_duplicates(det: Detections, merge: float = 0.5) -> Detections:
         area = box_area(b)
     smaller = np.minimum(area[:, None], area[None, :])
     overlap = np.where(smaller > 0, inter / np.maximum(smaller, 1e-12), 0.0)
-    same = det.labels[:, None] == det.labels[None, :]
-    dropped = np.zeros(len(det), dtype=bool)
-    keep = []
-    for i in range(len(det)):
-        if dropped[i]:
-            continue
-        keep.append(i)
-        dropped |= same[i] & (overlap[i] > merge)
-    return det[np.asarray(keep, dtype=np.int64)]
+    return det[greedy_suppression(overlap, det.labels, merge)]
 
 
 def predict_tiled(predictor, image: np.ndarray, tile: int, overlap: float = 0.2, conf: float | None = None,

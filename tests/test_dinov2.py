@@ -147,22 +147,10 @@ def test_pretrained_dinov2_freezes_the_vit_and_trains_lora(small_data, tmp_path,
     assert "base ViT frozen, LoRA rank 4" in capsys.readouterr().err
 
     # Export: LoRA merged, ONNX and OpenVINO pass parity against the (merged) PyTorch model.
-    import json
-
     import onnx
+    from test_seed_switches import export_passes_parity
 
-    from dfineseg.export.api import export_model
-    from dfineseg.model.checkpoint import config_from_checkpoint, load_checkpoint
-
-    best = trainer.run_dir / "best.pt"
-    cfg = config_from_checkpoint(load_checkpoint(best))
-    cfg.data.path = str(small_data)
-    cfg.export.formats = ["onnx", "openvino"]
-    cfg.export.out = str(tmp_path / "export")
-    cfg.export.parity_images = 2
-    paths = export_model(best, cfg, say=print)
-    summary = json.loads(paths["summary"].read_text())
-    assert all(summary["artefacts"][k]["parity"]["passed"] for k in ("onnx", "openvino")), summary
+    paths = export_passes_parity(trainer.run_dir / "best.pt", small_data, tmp_path / "export", say=print)
     graph = onnx.load(str(paths["onnx"])).graph
     assert not any("lora" in n.name.lower() for n in list(graph.node) + list(graph.initializer))
     assert "LoRA: merged 6 adapters" in capsys.readouterr().out

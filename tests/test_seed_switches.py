@@ -47,7 +47,6 @@ def test_dense_fusion_model_trains_and_exports_with_parity(small_data, tmp_path)
 def _train_and_export(small_data, tmp_path, switches: dict):
     """Train the tiny model one epoch with `switches` under model:, export ONNX + OpenVINO with parity."""
     from dfineseg.config import build_config
-    from dfineseg.export.api import export_model
     from dfineseg.model.checkpoint import config_from_checkpoint, load_checkpoint
     from dfineseg.train.trainer import Trainer
 
@@ -62,16 +61,25 @@ def _train_and_export(small_data, tmp_path, switches: dict):
     trainer = Trainer(cfg)
     best = trainer.fit()
     assert isinstance(trainer.model, DFINESeg)
-    ecfg = config_from_checkpoint(load_checkpoint(best))
-    assert all(getattr(ecfg.model, k) == v for k, v in switches.items())
-    ecfg.data.path = str(small_data)
-    ecfg.export.formats = ["onnx", "openvino"]
-    ecfg.export.out = str(tmp_path / "export")
-    ecfg.export.parity_images = 2
-    paths = export_model(best, ecfg, say=None)
+    assert all(getattr(config_from_checkpoint(load_checkpoint(best)).model, k) == v for k, v in switches.items())
+    export_passes_parity(best, small_data, tmp_path / "export")
+    return trainer.model
+
+
+def export_passes_parity(best, data, out, say=None):
+    """Export a checkpoint to ONNX and OpenVINO (2 parity images) and require both to pass parity."""
+    from dfineseg.export.api import export_model
+    from dfineseg.model.checkpoint import config_from_checkpoint, load_checkpoint
+
+    cfg = config_from_checkpoint(load_checkpoint(best))
+    cfg.data.path = str(data)
+    cfg.export.formats = ["onnx", "openvino"]
+    cfg.export.out = str(out)
+    cfg.export.parity_images = 2
+    paths = export_model(best, cfg, say=say)
     summary = json.loads(paths["summary"].read_text())
     assert all(summary["artefacts"][k]["parity"]["passed"] for k in ("onnx", "openvino")), summary
-    return trainer.model
+    return paths
 
 
 def test_ablation_table_reports_mean_and_sd_per_variant():
