@@ -31,7 +31,8 @@ from dfineseg.infer.errors import BackendUnavailableError, UserError
 
 COLUMNS = ["format", "status", "e2e_mean_ms", "e2e_p50_ms", "e2e_p95_ms", "raw_mean_ms", "raw_p50_ms",
            "raw_p95_ms", "e2e_over_raw", "f1", "precision", "recall", "penalized_iou", "boundary_iou", "map50_95",
-           "map50", "params_m", "size_mb", "backend", "device", "compute_precision", "images", "file", "reason"]
+           "map50", "params_m", "size_mb", "backend", "device", "compute_precision", "float_op_share", "images", "file",
+           "reason"]
 
 
 def latency_stats(seconds: list[float]) -> dict[str, float]:
@@ -236,7 +237,7 @@ def _bench_one(name: str, opener: Any, inputs: BenchInputs, cfg: Any, params_m: 
         **_metric_row(result["metrics"]),
         "params_m": params_m if params_m is not None else _onnx_params(path),
         "size_mb": file_size_mb(path), "backend": runtime.backend, "device": runtime.device,
-        "compute_precision": runtime.precision,
+        "compute_precision": runtime.precision, "float_op_share": runtime.extra.get("float_op_share"),
     })
     return row
 
@@ -259,7 +260,7 @@ def _fmt(value: Any) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     cols = ["format", "status", "e2e_mean_ms", "e2e_p50_ms", "e2e_p95_ms", "raw_mean_ms", "e2e_over_raw", "f1",
             "precision", "recall", "penalized_iou", "boundary_iou", "map50_95", "map50", "params_m", "size_mb",
-            "compute_precision"]
+            "compute_precision", "float_op_share"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")

@@ -45,9 +45,15 @@ VARIANTS = {
     "seg-64-gn": ("segment", 64, 64, True, "gn"),
     "seg-256-paper": ("segment", 256, 256, False, "gn"),  # the D-FINE-seg paper's head
     # The DINOv2 ViT/14 backbones (seed 003) in place of HGNetv2, default head; LoRA merged away at export.
-    "seg-64-dinov2_s": ("segment", 64, 64, True, "bn", "dinov2_s"),
-    "seg-64-dinov2_b": ("segment", 64, 64, True, "bn", "dinov2_b"),
+    "seg-64-dinov2_s": ("segment", 64, 64, True, "bn", {"backbone": "dinov2_s"}),
+    "seg-64-dinov2_b": ("segment", 64, 64, True, "bn", {"backbone": "dinov2_b"}),
+    # The seed techniques' inference-time parts (issue 17), default head: their deploy cost.
+    "seg-64-dense": ("segment", 64, 64, True, "bn", {"memory_fusion": "dense"}),
+    "seg-64-mask_query": ("segment", 64, 64, True, "bn", {"query_selection": "mask"}),
+    "seg-64-di": ("segment", 64, 64, True, "bn", {"decoder_balance": "di"}),
 }
+# Variants left out of the default --variants (opt in by name).
+OPT_IN = ("dinov2", "dense", "mask_query", "-di")
 
 
 @dataclass
@@ -64,12 +70,12 @@ class Row:
 
 def build(size: str, variant: str) -> DFINESeg:
     task, fpn, mask, dw, norm, *rest = VARIANTS[variant]
-    backbone = rest[0] if rest else "hgnetv2"
+    extra = rest[0] if rest else {}  # DFINESeg keywords: backbone, a seed technique's switch
     torch.manual_seed(0)
     if task == "detect":
         return DFINESeg(size, 80, "detect").eval()
     return DFINESeg(size, 80, "segment", fpn_channels=fpn, mask_channels=mask, depthwise_mask=dw,
-                    mask_norm=norm, backbone=backbone).eval()
+                    mask_norm=norm, **extra).eval()
 
 
 def gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -125,7 +131,7 @@ def ov_runner(onnx_path: Path, x: np.ndarray, prec: str, threads: int, calib: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["n", "s"])
-    ap.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if "dinov2" not in v],
+    ap.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if not any(o in v for o in OPT_IN)],
                     choices=list(VARIANTS))
     ap.add_argument("--count-sizes", nargs="+", default=["n", "s", "m", "l", "x"],
                     help="sizes whose params/GFLOPs are listed (no latency)")

@@ -5,9 +5,12 @@ seeds, fixed steps, on the `--hard` data; mean and sd of mask / box F1 at conf 0
         --variant default= --variant fusion=model.memory_fusion=dense \\
         --variant mixup=data.augment.mixup.p=0.5 --out runs/seed_ablation
 
-Each run is `dfineseg train data=... model.size=n imgsz=256 epochs=E batch=8` plus the variant's keys, in
-its own process, one after the other (never two timing jobs at once); E is chosen so the run has at least
-`--steps` optimizer steps. The table (markdown) and every run's headline metrics (JSON) go to `--out`.
+Each run is `dfineseg train data=... model.size=n imgsz=256 epochs=E batch=4` plus the base keys and the
+variant's keys, in its own process, one after the other (never two timing jobs at once); E is chosen so the
+run has at least `--steps` optimizer steps. The base (`--base recipe`, the default) is the short-budget
+recipe's keys (dfineseg/train/short_budget.py) given explicitly, because a fixed-step run has no `time=` to
+trigger it and the schema's defaults learn nothing in 600 steps from scratch (issue 16 measured F1 0.0);
+`--base schema` trains with the schema's defaults instead. The table (markdown) and every run's headline metrics (JSON) go to `--out`.
 Deploy latency ratios are measured separately (`dfineseg.benchmarks.model_latency`), in one session.
 """
 
@@ -39,25 +42,47 @@ def _train_images(data: Path) -> int:
     return sum(1 for p in train.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 
 
+def base_keys(base: str) -> list[str]:
+    """The keys every variant shares: the short-budget recipe's (less the batch, which --batch sets) or none."""
+    if base == "schema":
+        return []
+    from dfineseg.train.short_budget import RECIPE
+
+    return [f"{c.key}={c.value}" for c in RECIPE if c.key != "train.batch"]
+
+
+def _metrics(run: Path) -> dict:
+    """The final validation's headline numbers (best.pt, conf 0.5) of one run folder."""
+    metrics = json.loads((run / "val" / "metrics.json").read_text())
+    return {"mask_f1": metrics["mask"]["f1"], "box_f1": metrics["box"]["f1"],
+            "mask_map50_95": metrics["mask"]["map50_95"], "best_f1": metrics["sweep"]["best_f1"]}
+
+
 def run_one(args: argparse.Namespace, name: str, keys: list[str], seed: int, epochs: int) -> dict:
     run_name = f"{name}-seed{seed}"
+    saved = args.out / run_name / "ablation_row.json"
+    if args.reuse and saved.is_file():  # a finished run of an earlier call (e.g. before adding a third seed)
+        row = json.loads(saved.read_text())
+        return {**row, **_metrics(args.out / run_name)}
     cmd = [sys.executable, "-m", "dfineseg.cli", "train", f"data={args.data}", f"model.size={args.size}",
            f"imgsz={args.imgsz}", f"epochs={epochs}", f"batch={args.batch}", f"train.seed={seed}",
-           f"project={args.out}", f"name={run_name}", "exist_ok=true", f"train.val_every={epochs}", *keys]
+           f"project={args.out}", f"name={run_name}", "exist_ok=true", f"train.val_every={epochs}",
+           *base_keys(args.base), *keys]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{run_name} failed:\n{proc.stderr[-3000:]}")
-    metrics = json.loads((args.out / run_name / "val" / "metrics.json").read_text())
     steps = epochs * math.ceil(args.train_images / args.batch)
-    return {"variant": name, "seed": seed, "keys": keys, "seconds": seconds, "steps": steps,
-            "s_per_step": seconds / steps, "mask_f1": metrics["mask"]["f1"], "box_f1": metrics["box"]["f1"],
-            "mask_map50_95": metrics["mask"]["map50_95"]}
+    row = {"variant": name, "seed": seed, "keys": keys, "seconds": seconds, "steps": steps,
+           "s_per_step": seconds / steps, **_metrics(args.out / run_name)}
+    saved.write_text(json.dumps(row, indent=2))
+    return row
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| variant | seeds | mask F1 @0.5 (mean ± sd) | box F1 @0.5 | mask mAP50-95 | s/step |", "|---|---|---|---|---|---|"]
+    out = ["| variant | seeds | mask F1 @0.5 (mean ± sd) | box F1 @0.5 | mask mAP50-95 | best-threshold mask F1 | "
+           "s/step |", "|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["variant"] for r in rows):
         rs = [r for r in rows if r["variant"] == name]
 
@@ -66,7 +91,8 @@ def table(rows: list[dict]) -> str:
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
 
-        out.append(f"| {name} | {len(rs)} | {ms('mask_f1')} | {ms('box_f1')} | {ms('mask_map50_95')} | "
+        best = ms("best_f1") if all("best_f1" in r for r in rs) else "-"
+        out.append(f"| {name} | {len(rs)} | {ms('mask_f1')} | {ms('box_f1')} | {ms('mask_map50_95')} | {best} | "
                    f"{statistics.mean(r['s_per_step'] for r in rs):.2f} |")
     return "\n".join(out)
 
@@ -79,8 +105,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--size", default="n")
     ap.add_argument("--imgsz", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--base", choices=("recipe", "schema"), default="recipe",
+                    help="keys all variants share: the short-budget recipe (default) or the schema's defaults")
     ap.add_argument("--out", type=Path, default=Path("runs/seed_ablation"))
+    ap.add_argument("--reuse", action="store_true", help="take finished runs' rows from --out instead of retraining")
     args = ap.parse_args()
     args.train_images = _train_images(args.data)
     epochs = math.ceil(args.steps / math.ceil(args.train_images / args.batch))

@@ -3,6 +3,7 @@
     python -m dfineseg.benchmarks.train_step --sizes n,s --imgsz 640 --batch 4 --steps 3
     python -m dfineseg.benchmarks.train_step --sizes s --imgsz 640 --batch 8 --device cuda --amp
     python -m dfineseg.benchmarks.train_step --sizes n --imgsz 320 --batch 8 --classes 5 --breakdown
+    python -m dfineseg.benchmarks.train_step --sizes s --imgsz 320 --model backbone=dinov2_s   # model.* keys
 
 Each size runs in its own subprocess so its peak resident memory (CPU) is its own; on CUDA the peak is
 torch.cuda.max_memory_allocated. Inputs are random images with 4 generated objects per image (boxes
@@ -43,7 +44,7 @@ def _targets(batch: int, h: int, w: int, num_classes: int, seed: int = 0):
 
 
 def measure(size: str, imgsz: int, batch: int, steps: int, warmup: int, device: str, amp: bool, threads: int | None,
-            num_classes: int = 80) -> dict:
+            num_classes: int = 80, model_keys: list[str] | None = None) -> dict:
     """One size in this process: seconds per step (median), each phase's median, and peak memory in GiB."""
     import resource
 
@@ -58,8 +59,13 @@ def measure(size: str, imgsz: int, batch: int, steps: int, warmup: int, device: 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
+    from dfineseg.overrides import parse_value
+
     cfg = Config()
     cfg.model.size = size
+    for item in model_keys or []:  # model.* settings (validated by the schema on assignment)
+        key, _, value = item.partition("=")
+        setattr(cfg.model, key, parse_value(value))
     dev = torch.device(device)
     model = build_model(cfg.model, num_classes).to(dev).train()
     criterion = build_criterion(cfg.loss, num_classes, cfg.model.task)
@@ -119,7 +125,7 @@ def measure(size: str, imgsz: int, batch: int, steps: int, warmup: int, device: 
         "threads": torch.get_num_threads(), "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "step_s_median": times[len(times) // 2], "step_s_min": times[0], "images_per_s": batch / times[len(times) // 2],
         "peak_mem_gib": peak, "steps": steps, "classes": num_classes,
-        "phases_s": {k: sorted(v)[len(v) // 2] for k, v in phases.items()},
+        "phases_s": {k: sorted(v)[len(v) // 2] for k, v in phases.items()}, "model": list(model_keys or []),
     }
 
 
@@ -136,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=80, help="classes of the head (80: COCO)")
     parser.add_argument("--breakdown", action="store_true", help="also print the median seconds of each phase")
     parser.add_argument("--out", default=None, help="write the table (markdown) and a .json next to it")
+    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                        help="a model.* setting, e.g. backbone=dinov2_s or memory_fusion=dense (repeatable)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     args = parser.parse_args(argv)
     if args.one:
         row = measure(args.one, args.imgsz, args.batch, args.steps, args.warmup, args.device, args.amp, args.threads,
-                      args.classes)
+                      args.classes, args.model)
         print("RESULT " + json.dumps(row))
         return 0
     rows = []
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "dfineseg.benchmarks.train_step", "--one", size, "--imgsz", str(args.imgsz),
                "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--device", args.device, "--classes", str(args.classes)] + (["--amp"] if args.amp else []) + (
-               ["--threads", str(args.threads)] if args.threads else [])
+               ["--threads", str(args.threads)] if args.threads else []) + [f"--model={m}" for m in args.model]
         res = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if res.returncode != 0 or line is None:
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(json.loads(line[len("RESULT "):]))
     header = "| size | params M | input | batch | device | threads | step s (median) | images/s | peak mem GiB |"
     lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-             f"{time.strftime('%Y-%m-%d')}", "", header, "|" + "---|" * 9]
+             f"{time.strftime('%Y-%m-%d')}" + (f"; model: {', '.join(args.model)}" if args.model else ""), "", header, "|" + "---|" * 9]
     for r in rows:
         lines.append(f"| {r['size']} | {r['params_m']:.2f} | {r['imgsz']} | {r['batch']} | {r['device']}{' bf16' if r['amp'] else ''} "
                      f"| {r['threads']} | {r['step_s_median']:.2f} | {r['images_per_s']:.2f} | {r['peak_mem_gib']:.2f} |")

@@ -194,7 +194,7 @@ class ModelConfig(Section):
         "(supervised) and their boxes start the decoder (seed 001; segment only)")
     decoder_balance: Literal["none", "di"] = Field(
         "none", description="di: DI-MaskDINO's De-Imbalance module, a balance-aware query from a double selection "
-        "with token interaction (seed 000)")
+        "with token interaction, and its Balance-Aware Tokens Optimization of the decoder's memory (seed 000)")
     memory_fusion: Literal["none", "dense"] = Field(
         "none", description="Stable-DINO dense memory fusion: backbone, FPN and PAN features per level fused "
         "before the decoder (seed 004)")

@@ -65,6 +65,7 @@ def test_openvino_records_the_precision_it_computes_in(standin_files):
 
     be32 = load_backend(standin_files.openvino, precision="f32", threads=1, performance="latency")
     assert be32.runtime.precision == "f32"
+    assert set(be32.runtime.extra["op_precisions"]) <= {"f32"}  # no integer operation in a float model
     assert be32.runtime.extra["performance_hint"].upper().endswith("LATENCY")
     assert int(be32.runtime.extra["threads"]) == 1
     # f16 is not honoured by most x86 CPUs: whatever is asked, the report is what the device computes in

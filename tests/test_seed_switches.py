@@ -94,6 +94,16 @@ def test_ablation_table_reports_mean_and_sd_per_variant():
     assert "| default | 2 | 0.300 ± 0.141 |" in text
 
 
+def test_ablation_base_is_the_short_budget_recipe_without_its_batch():
+    from dfineseg.benchmarks.seed_ablation import base_keys
+    from dfineseg.train.short_budget import RECIPE
+
+    keys = base_keys("recipe")
+    assert "model.num_queries=100" in keys and "train.warmup_iters=20" in keys
+    assert len(keys) == len(RECIPE) - 1 and not any(k.startswith("train.batch=") for k in keys)
+    assert base_keys("schema") == []
+
+
 # ------------------------------------------------------------------ model.query_selection=mask (Mask DINO)
 def test_mask_anchor_boxes_are_the_masks_extents_or_the_fallback():
     from dfineseg.model.decoder import mask_anchor_boxes
@@ -106,6 +116,18 @@ def test_mask_anchor_boxes_are_the_masks_extents_or_the_fallback():
     torch.testing.assert_close(boxes[0, 0], torch.tensor([2.5 / 10, 4 / 8, 3 / 10, 4 / 8]), atol=1e-4, rtol=0)
     torch.testing.assert_close(boxes[0, 1], torch.tensor([9.5 / 10, 0.5, 0.1, 1.0 - 1e-4]), atol=1e-4, rtol=0)
     torch.testing.assert_close(boxes[0, 2], torch.full((4,), 0.3).sigmoid())  # empty mask: its own box
+
+
+def test_mask_anchor_boxes_ignore_mask_pixels_far_from_the_tokens_own_box():
+    from dfineseg.model.decoder import inverse_sigmoid, mask_anchor_boxes
+
+    logits = torch.full((1, 2, 20, 20), -5.0)
+    logits[0, :, 8:12, 8:12] = 5.0  # the object, inside both tokens' boxes
+    logits[0, :, 0, 19] = 5.0  # one stray pixel in a corner
+    own = torch.tensor([[[0.5, 0.5, 0.3, 0.3], [0.5, 0.5, 1.0 - 1e-4, 1.0 - 1e-4]]])
+    boxes = mask_anchor_boxes(logits, inverse_sigmoid(own)).sigmoid()
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([0.5, 0.5, 0.2, 0.2]), atol=1e-4, rtol=0)
+    assert boxes[0, 1, 2] > 0.5  # a token whose own box spans the image sees the stray pixel too
 
 
 def test_mask_query_selection_starts_the_decoder_from_mask_boxes_and_supervises_encoder_masks():
@@ -184,6 +206,25 @@ def test_di_model_selects_twice_the_queries_first_and_supervises_each_interactio
     assert len(enc) == 3 and enc[0]["pred_logits"].shape[1] == 20 and out["pred_logits"].shape[1] == 10
     losses = build_criterion(LossConfig(), 3, "segment")(out, targets)
     assert any(k.endswith("_enc_2") for k in losses), sorted(losses)
+
+
+def test_bato_starts_as_the_identity_then_moves_each_memory_token_towards_its_guiding_tokens():
+    from dfineseg.model.balance import DeImbalance
+
+    torch.manual_seed(0)
+    di = DeImbalance(16, 2, 32, layers=1)
+    memory, query, ref = torch.randn(2, 30, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 4)
+    torch.testing.assert_close(di.optimize_memory(memory, query, ref), memory)  # zero gain: official model kept
+    out = di.optimize_memory(memory, query, ref)
+    out.sum().backward()
+    assert di.tokens.gain.grad is not None and di.tokens.gain.grad.abs().sum() > 0  # the gain learns
+    with torch.no_grad():
+        di.tokens.gain.fill_(1.0)
+        moved = di.optimize_memory(memory, query, ref)
+        other = di.optimize_memory(memory, torch.randn(2, 5, 16), ref)
+    assert not torch.allclose(moved, memory)
+    assert not torch.allclose(moved, other)  # the refinement depends on the balance-aware query
+    torch.testing.assert_close(moved[1], di.optimize_memory(memory[1:], query[1:], ref[1:])[0])  # per image
 
 
 def test_di_model_trains_and_exports_with_parity(small_data, tmp_path):

@@ -15,3 +15,15 @@ def test_breakdown_phases_cover_the_step(one_thread):
     assert phases["matcher"] < phases["loss"]  # the matcher runs inside the criterion
     whole = sum(v for k, v in phases.items() if k != "matcher")
     assert whole == pytest.approx(row["step_s_median"], rel=0.5)
+
+
+def test_model_settings_reach_the_measured_model(one_thread):
+    from dfineseg.benchmarks.train_step import measure
+
+    plain = measure("tiny", 64, 1, steps=1, warmup=0, device="cpu", amp=False, threads=1, num_classes=3)
+    fused = measure("tiny", 64, 1, steps=1, warmup=0, device="cpu", amp=False, threads=1, num_classes=3,
+                    model_keys=["memory_fusion=dense"])
+    assert fused["model"] == ["memory_fusion=dense"] and fused["params_m"] > plain["params_m"]
+    with pytest.raises(Exception, match="memory_fusion"):  # the schema validates each setting
+        measure("tiny", 64, 1, steps=1, warmup=0, device="cpu", amp=False, threads=1, num_classes=3,
+                model_keys=["memory_fusion=sparse"])

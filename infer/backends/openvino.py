@@ -55,6 +55,39 @@ def read_rt_metadata(model: Any) -> dict[str, str]:
     return found
 
 
+# The operations that hold nearly all of a model's multiply-adds, as the CPU plugin names them in the
+# compiled (runtime) model; their runtime precision says where an INT8 model really computes.
+_HEAVY_OPS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
+_INTEGER = ("i8", "u8")
+
+
+def operation_precisions(compiled: Any) -> dict[str, int]:
+    """{runtime precision: count} over the compiled model's heavy operations (convolutions, matmuls);
+    empty when the device does not expose a runtime model."""
+    try:
+        ops = compiled.get_runtime_model().get_ordered_ops()
+    except Exception:  # GPU/NPU plugins may not report one: absence is not an error, it is reported as such
+        return {}
+    counts: dict[str, int] = {}
+    for op in ops:
+        info = op.get_rt_info()
+        if "layerType" in info and _any_to_str(info["layerType"]) in _HEAVY_OPS and "runtimePrecision" in info:
+            precision = _any_to_str(info["runtimePrecision"]).lower()
+            counts[precision] = counts.get(precision, 0) + 1
+    return counts
+
+
+def describe_precision(hint: str, counts: dict[str, int]) -> tuple[str, float | None]:
+    """(what the model computes in, the float share of its heavy operations): a quantised model computes in
+    int8 plus the hint's float precision for the operations kept in float ('int8+bf16')."""
+    total = sum(counts.values())
+    if not total:
+        return hint, None
+    integer = sum(n for p, n in counts.items() if p in _INTEGER)
+    float_share = 1.0 - integer / total
+    return (f"int8+{hint}" if integer else hint), float_share
+
+
 def _device_name(device: str | None) -> str:
     text = (device or "cpu").strip()
     kind, _, index = text.replace(":", ".").partition(".")
@@ -128,10 +161,12 @@ class OpenVinoBackend(Backend):
         shape = [d.get_length() if d.is_static else None for d in pshape]
         computed = self._property("INFERENCE_PRECISION_HINT")
         computed_name = computed.get_type_name() if hasattr(computed, "get_type_name") else str(computed or "")
+        op_precisions = operation_precisions(self.compiled)
+        precision_name, float_share = describe_precision(computed_name or "f32", op_precisions)
         self.runtime = RuntimeInfo(
             backend=self.name,
             device=device_name,
-            precision=computed_name or "f32",
+            precision=precision_name,
             batch=shape[0] if shape and shape[0] else None,
             input_hw=input_hw_from(shape, self.metadata, self.path),
             extra={
@@ -139,6 +174,9 @@ class OpenVinoBackend(Backend):
                 "threads": self._property("INFERENCE_NUM_THREADS"),
                 "optimal_requests": self._property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"),
                 "requested_precision": config.get("INFERENCE_PRECISION_HINT"),
+                # share of convolutions/matmuls that run in float (1.0 for a float model, None: not reported)
+                "float_op_share": float_share,
+                "op_precisions": op_precisions,
             },
         )
         # at least two in flight, so a video frame is computed while the previous one is post-processed
