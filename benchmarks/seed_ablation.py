@@ -110,12 +110,18 @@ def main() -> None:
                     help="keys all variants share: the short-budget recipe (default) or the schema's defaults")
     ap.add_argument("--out", type=Path, default=Path("runs/seed_ablation"))
     ap.add_argument("--reuse", action="store_true", help="take finished runs' rows from --out instead of retraining")
+    ap.add_argument("--table-only", action="store_true",
+                    help="train nothing: the table of the finished runs in --out (a variant may have fewer seeds)")
     args = ap.parse_args()
     args.train_images = _train_images(args.data)
     epochs = math.ceil(args.steps / math.ceil(args.train_images / args.batch))
     rows = []
     for seed in args.seeds:
         for name, keys in args.variant:
+            if args.table_only:
+                if not (args.out / f"{name}-seed{seed}" / "ablation_row.json").is_file():
+                    continue
+                args.reuse = True
             row = run_one(args, name, keys, seed, epochs)
             rows.append(row)
             print(json.dumps(row), flush=True)
