@@ -229,3 +229,28 @@ def test_bato_starts_as_the_identity_then_moves_each_memory_token_towards_its_gu
 
 def test_di_model_trains_and_exports_with_parity(small_data, tmp_path):
     _train_and_export(small_data, tmp_path, {"decoder_balance": "di"})
+
+
+def test_training_only_augmentations_leave_the_deploy_graph_unchanged(tmp_path):
+    """mixup / cutmix / copy_paste act on the data only: the model a config builds, and the ONNX graph it
+    exports, are the same with every one of them on."""
+    import onnx
+
+    from dfineseg.benchmarks.model_latency import export_onnx
+    from dfineseg.config import Config
+    from dfineseg.model.dfine import build_model
+    from dfineseg.model.runner import deploy_module
+
+    def graph(cfg: Config, name: str):
+        torch.manual_seed(0)
+        cfg.model.size = "tiny"
+        model = build_model(cfg.model, 3).eval()
+        path = tmp_path / f"{name}.onnx"
+        export_onnx(deploy_module(model, topk=10), torch.rand(1, 3, 64, 64), path, True)
+        g = onnx.load(str(path)).graph
+        return [n.op_type for n in g.node], {i.name: tuple(i.dims) for i in g.initializer}
+
+    mixed = Config()
+    for step in ("mixup", "cutmix", "copy_paste"):
+        getattr(mixed.data.augment, step).p = 0.5
+    assert graph(Config(), "plain") == graph(mixed, "mixed")
