@@ -28,6 +28,14 @@ import torch
 from torch import nn
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head scaled dot-product attention of q [B,N,D] over k, v [B,M,D] -> [B,N,D] (no projections)."""
+    b, n, d = q.shape
+    split = lambda t: t.reshape(b, t.shape[1], heads, d // heads).transpose(1, 2)  # noqa: E731
+    attn = ((split(q) * (d // heads) ** -0.5) @ split(k).transpose(-2, -1)).softmax(-1)
+    return (attn @ split(v)).transpose(1, 2).reshape(b, n, d)
+
+
 class TokenInteractionLayer(nn.Module):
     def __init__(self, dim: int, heads: int, ffn: int) -> None:
         super().__init__()
@@ -41,12 +49,8 @@ class TokenInteractionLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        h = self.heads
-        q, k = self.qk(x + pos).reshape(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
-        v = self.v(x).reshape(b, n, h, d // h).transpose(1, 2)
-        attn = (q * (d // h) ** -0.5) @ k.transpose(-2, -1)
-        x = self.norm1(x + self.out((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)))
+        q, k = self.qk(x + pos).chunk(2, -1)
+        x = self.norm1(x + self.out(attend(q, k, self.v(x), self.heads)))
         return self.norm2(x + self.fc2(torch.relu(self.fc1(x))))
 
 
@@ -99,10 +103,6 @@ class BalanceAwareTokens(nn.Module):
 
     def forward(self, memory: torch.Tensor, query: torch.Tensor, ref_unact: torch.Tensor,
                 box_pos: nn.Module) -> torch.Tensor:
-        b, n, d = memory.shape
-        h = self.heads
         guides = self.guide_norm(query + self.guide(query)) + box_pos(ref_unact.detach().sigmoid())
-        q = self.q(memory).reshape(b, n, h, d // h).transpose(1, 2)
-        k, v = self.kv(guides).reshape(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
-        attn = ((q * (d // h) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
-        return memory + self.gain * self.out((attn @ v).transpose(1, 2).reshape(b, n, d))
+        k, v = self.kv(guides).chunk(2, -1)
+        return memory + self.gain * self.out(attend(self.q(memory), k, v, self.heads))
