@@ -220,3 +220,52 @@ def test_top_level_infer_option_names_are_suggested():
         load_config(overrides=["save_json=false"])
     with pytest.raises(ConfigError, match="did you mean 'infer'"):
         load_config(overrides=["infr.conf=0.3"])
+
+
+def test_configs_written_before_a_default_changed_keep_the_defaults_they_trained_with(tmp_path):
+    """Schema 2 turned on model.memory_fusion=dense and copy-paste: a run folder's config.yaml or a checkpoint's
+    config written as version 1 without those keys must rebuild the version-1 model and recipe."""
+    today = load_config()
+    assert today.model.memory_fusion == "dense" and today.data.augment.copy_paste.p == 0.5
+    v1 = Config().to_dict()
+    v1["schema_version"] = 1
+    del v1["model"]["memory_fusion"]
+    del v1["data"]["augment"]["copy_paste"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(v1))
+    old = load_config(path)
+    assert old.model.memory_fusion == "none" and old.data.augment.copy_paste.p == 0.0
+    assert old.schema_version == SCHEMA_VERSION  # saved again, it says what it means under today's defaults
+    old.save(tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml").model.memory_fusion == "none"
+    # Keys a version-1 file does hold are kept, and an off_epoch alone keeps version 1's p.
+    v1["model"]["memory_fusion"] = "dense"
+    v1["data"]["augment"]["copy_paste"] = {"off_epoch": 3}
+    path.write_text(yaml.safe_dump(v1))
+    kept = load_config(path)
+    assert kept.model.memory_fusion == "dense"
+    assert kept.data.augment.copy_paste.p == 0.0 and kept.data.augment.copy_paste.off_epoch == 3
+    # A user's file has no schema_version: today's defaults; the command line too.
+    path.write_text(yaml.safe_dump({"model": {"size": "s"}}))
+    assert load_config(path).model.memory_fusion == "dense"
+    assert load_config(path, ["model.memory_fusion=none"]).model.memory_fusion == "none"
+
+
+def test_checkpoint_of_a_version_1_run_rebuilds_its_model(tmp_path):
+    import torch
+
+    from dfineseg.model import DFINESeg
+    from dfineseg.model.checkpoint import config_from_checkpoint
+    from dfineseg.model.dfine import build_model
+
+    plain = DFINESeg("tiny", 2, "segment")
+    raw = Config().to_dict()
+    raw["schema_version"] = 1
+    raw["model"].update(size="tiny", num_classes=2)
+    del raw["model"]["memory_fusion"]
+    cfg = config_from_checkpoint({"config": raw, "model": plain.state_dict()})
+    model = build_model(cfg.model, 2)
+    model.load_state_dict(plain.state_dict(), strict=True)  # the same keys: no fusion
+    assert not any(k.startswith("encoder.fusion.") for k in model.state_dict())
+    assert torch.equal(model.state_dict()["encoder.input_proj.0.conv.weight"],
+                       plain.state_dict()["encoder.input_proj.0.conv.weight"])

@@ -84,7 +84,7 @@ def golden() -> dict:
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
-    m = build_model(ModelConfig(size="n", task="detect"), num_classes=80).eval()
+    m = build_model(ModelConfig(size="n", task="detect", memory_fusion="none"), num_classes=80).eval()
     m.load_state_dict(golden_fill(m.state_dict()))
     return m
 

@@ -126,12 +126,52 @@ def test_official_dfine_file_into_a_dinov2_model_loads_encoder_and_decoder_and_l
         assert torch.equal(state[key], ema[key])
 
 
-def test_official_file_into_a_model_with_dense_memory_fusion_keeps_the_fusion_fresh(tmp_path: Path):
+def test_official_file_into_a_model_with_dense_memory_fusion_starts_it_as_a_pass_through(tmp_path: Path):
+    """The official file has no fusion: the dense model must compute what the official weights compute (eval
+    mode), not feed the pretrained decoder a random projection of its features."""
     path, ema = _fake_official(tmp_path, num_classes=3)
+    torch.manual_seed(3)
+    model = DFINESeg("tiny", 3, "detect", memory_fusion="dense")
+    plain = DFINESeg("tiny", 3, "detect")
+    load_weights(model, path)
+    load_weights(plain, path)
+    state = model.state_dict()
+    assert torch.equal(state["encoder.pan_blocks.0.cv1.conv.weight"], ema["encoder.pan_blocks.0.cv1.conv.weight"])
+    assert any(state[k].abs().sum() > 0 for k in state if k.startswith("encoder.fusion."))
+    model.eval(), plain.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        fused, official = model(x), plain(x)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(fused[key], official[key], rtol=1e-5, atol=1e-5)
+    # Trained on from there, the fusion reads all three feature sets: its weights are ordinary parameters.
+    assert all(p.requires_grad for p in model.encoder.fusion.parameters())
+
+
+def test_checkpoint_without_a_switch_loads_into_a_model_with_it_and_the_reverse_names_the_switch(tmp_path: Path):
+    torch.manual_seed(0)
+    plain = DFINESeg("tiny", 3, "segment")
+    path = tmp_path / "plain.pt"
+    torch.save({"schema_version": 1, "config": {}, "names": ["a", "b", "c"], "model": plain.state_dict()}, path)
+    fused = DFINESeg("tiny", 3, "segment", memory_fusion="dense")
+    report = load_weights(fused, path)
+    assert report.kind == "dfineseg"
+    fused.eval(), plain.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x)["pred_masks"], plain(x)["pred_masks"], rtol=1e-5, atol=1e-5)
+    dense_path = tmp_path / "dense.pt"
+    torch.save({"schema_version": 1, "config": {}, "names": ["a", "b", "c"], "model": fused.state_dict()}, dense_path)
+    with pytest.raises(WeightsError, match=r"model\.memory_fusion=dense"):
+        load_weights(DFINESeg("tiny", 3, "segment"), dense_path)
+
+
+def test_backbone_only_file_leaves_the_fusion_at_its_own_initialisation(tmp_path: Path):
+    torch.manual_seed(0)
     model = DFINESeg("tiny", 3, "segment", memory_fusion="dense")
     fresh = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("encoder.fusion.")}
-    assert fresh
-    load_weights(model, path)
+    path = tmp_path / "backbone.pth"
+    torch.save({k[len("backbone."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}, path)
+    assert load_weights(model, path).kind == "backbone"
     state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in fresh.items())
-    assert torch.equal(state["encoder.pan_blocks.0.cv1.conv.weight"], ema["encoder.pan_blocks.0.cv1.conv.weight"])
+    assert all(torch.equal(state[k], v) for k, v in fresh.items())  # as trained from scratch (what was measured)

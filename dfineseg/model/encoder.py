@@ -169,6 +169,24 @@ class HybridEncoder(nn.Module):
         if memory_fusion == "dense":
             self.fusion = nn.ModuleList(ConvNorm(hidden_dim * 3, hidden_dim, 1) for _ in range(levels))
 
+    @torch.no_grad()
+    def fusion_pass_through(self) -> None:
+        """Start the dense fusion as the plain encoder: each level's fused map = its PAN output (the last third
+        of the concatenation), exactly in eval mode. Used when the rest of the encoder and the decoder come from
+        weights trained without the fusion (an official D-FINE file): the starting model then computes what
+        those weights computed, instead of feeding the pretrained decoder a random projection."""
+        if not hasattr(self, "fusion"):
+            return
+        c = self.hidden_dim
+        for block in self.fusion:
+            block.conv.weight.zero_()
+            block.conv.weight[:, 2 * c:, 0, 0] = torch.eye(c, dtype=block.conv.weight.dtype)
+            norm = block.norm
+            norm.weight.fill_(1.0)
+            norm.bias.zero_()
+            norm.running_mean.zero_()
+            norm.running_var.fill_(1.0 - norm.eps)  # (x - 0) / sqrt(var + eps) = x
+
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         if len(feats) != len(self.in_channels):
             raise ValueError(f"HybridEncoder expects {len(self.in_channels)} feature maps, got {len(feats)}")

@@ -24,8 +24,10 @@ log = logging.getLogger("dfineseg")
 
 SIZE_DEPENDENT = ("decoder.anchors", "decoder.valid_mask")
 _SKIP_SUFFIX = ("num_batches_tracked",)
-# Modules of dfineseg's switches that official files never have (they stay at their initialisation).
-OWN_PREFIXES = ("encoder.fusion.", "decoder.balance.")
+# Modules of dfineseg's switches that official files never have, with the switch that adds each. From a file
+# without them they keep their initialisation (the dense fusion: a pass-through of the plain encoder).
+OWN_MODULES = {"encoder.fusion.": "model.memory_fusion=dense", "decoder.balance.": "model.decoder_balance=di"}
+OWN_PREFIXES = tuple(OWN_MODULES)
 
 
 class WeightsError(ValueError):
@@ -100,15 +102,23 @@ def _guess_size(state: dict[str, torch.Tensor], prefix: str = "backbone.") -> st
     return {32: "m (HGNetv2-B2)", 48: "l (HGNetv2-B4)", 64: "x (HGNetv2-B5)"}.get(out, "unknown")
 
 
+def _absent_own_modules(model_state: dict[str, torch.Tensor], file_state: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """The switch modules this model has and the file lacks entirely (an official file, or a dfineseg checkpoint
+    trained without that switch): they keep their initialisation instead of failing the load."""
+    return tuple(p for p in OWN_PREFIXES
+                 if any(k.startswith(p) for k in model_state) and not any(k.startswith(p) for k in file_state))
+
+
 def _merge(model_state: dict[str, torch.Tensor], file_state: dict[str, torch.Tensor], path: Path, *,
-           prefix: str, class_keys: set[str], scope: tuple[str, ...], size: str, official: bool = False
+           prefix: str, class_keys: set[str], scope: tuple[str, ...], size: str
            ) -> tuple[dict[str, torch.Tensor], list[str], int]:
     merged = dict(model_state)
     reinit: list[str] = []
     loaded = 0
     hint = f"the model is size {size!r}; the file looks like size {_guess_size(file_state, prefix)!r}"
+    fresh = _absent_own_modules(model_state, file_state)
     for key, ours in model_state.items():
-        if not key.startswith(scope) or key in SIZE_DEPENDENT or (official and key.startswith(OWN_PREFIXES)):
+        if not key.startswith(scope) or key in SIZE_DEPENDENT or (fresh and key.startswith(fresh)):
             continue
         fkey = key[len("backbone."):] if prefix == "" else key
         theirs = file_state.get(fkey)
@@ -135,6 +145,12 @@ def _merge(model_state: dict[str, torch.Tensor], file_state: dict[str, torch.Ten
         wanted = set(model_state)
     unexpected = [k for k in file_state if k not in wanted and not k.endswith(_SKIP_SUFFIX)
                   and (prefix == "" or k.startswith(scope)) and k not in SIZE_DEPENDENT]
+    own = [(p, switch) for p, switch in OWN_MODULES.items() if any(k.startswith(p) for k in unexpected)]
+    if own:
+        raise WeightsError(
+            f"{path}: the file was trained with {own[0][1]} (it has '{own[0][0]}*' weights) and this model was "
+            f"built without it; set {own[0][1]} to load it"
+        )
     if unexpected:
         raise WeightsError(
             f"{path}: the file has {len(unexpected)} key(s) this model lacks, first '{unexpected[0]}' "
@@ -162,7 +178,7 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
             scope = ("encoder.", "decoder.")
             skipped = [k for k in state if k.startswith("backbone.")]
         merged, reinit, loaded = _merge(model_state, state, path, prefix="backbone.", class_keys=class_keys,
-                                        scope=scope, size=size, official=True)
+                                        scope=scope, size=size)
     else:
         scope = ("backbone.", "encoder.", "decoder.", "mask_head.")
         if any(k.startswith("mask_head.") for k in model_state) != any(k.startswith("mask_head.") for k in state):
@@ -173,6 +189,12 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
         merged, reinit, loaded = _merge(model_state, state, path, prefix="backbone.", class_keys=class_keys,
                                         scope=scope, size=size)
     model.load_state_dict(merged, strict=True)
+    # Only when the file holds a trained encoder and decoder: a backbone-only file leaves both at random, as
+    # from scratch, where the fusion trains from its own initialisation (what was measured).
+    if kind != "backbone" and "encoder.fusion." in _absent_own_modules(model_state, state):
+        model.encoder.fusion_pass_through()
+        log.info("%s has no dense-fusion weights: model.memory_fusion=dense starts as a pass-through of its "
+                 "encoder (the loaded model's outputs are unchanged) and learns from there", path)
     report = LoadReport(str(path), kind, source, loaded, reinit,
                         skipped if kind == "official" else [])
     log.info("loaded %d tensors from %s (%s, %s)", loaded, path, kind, source)

@@ -64,12 +64,12 @@ def resume_config(cfg: Any, ckpt: dict[str, Any], is_main: bool) -> tuple[Any, i
     settings that differ from it are applied when they may change on resume (RESUME_CHANGEABLE, printed
     on the main rank) and refused otherwise: a resumed run is the same run, and an override silently
     ignored is a run the user did not ask for."""
-    from dfineseg.config import Config, build_config
+    from dfineseg.config import Config, build_config, migrate_config
     from dfineseg.overrides import set_path
 
     resume = cfg.train.resume
     resume_epochs: int | None = None
-    raw_saved = ckpt["config"]
+    raw_saved = migrate_config(ckpt["config"])  # an older run's missing keys hold the defaults it trained with
     defaults = Config().to_dict()
     saved = config_from_checkpoint(ckpt).to_dict()
     saved["train"]["device"] = cfg.train.device  # machine-dependent: always this machine's
