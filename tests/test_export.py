@@ -269,3 +269,42 @@ def test_non_square_320_static_batch_export(trained_run, tmp_path):  # noqa: F81
     assert report["passed"]
     # 3 images through a batch-2 graph: the last slice was padded, and parity still compared all three.
     assert report["report"]["raw_images"] == 3
+
+
+def test_peer_latency_times_our_exports_as_written_and_reports_ratios(exported, tmp_path):
+    """`python -m dfineseg.benchmarks.peers`: our float and INT8 IRs exactly as the export wrote them, timed
+    interleaved with a peer's pair (here the ONNX as its float model and our INT8 IR), under each hint."""
+    import openvino as ov
+
+    from dfineseg.benchmarks.peers import (
+        PeerModelError,
+        cpu_has_bf16,
+        main,
+        measure_latency,
+        our_irs,
+        pair_ratios,
+    )
+
+    paths, _ = exported
+    folder = paths["openvino"].parent
+    ours = our_irs(folder)
+    assert ours == (paths["openvino"] / "model.xml", paths["openvino_int8"] / "model.xml")
+    rows = measure_latency({"ours": ours, "peer": (paths["onnx"], ours[1])}, runs=2, warmup=1, threads=1)
+    columns = ["f32", "int8", "int8_f32"] + (["bf16"] if cpu_has_bf16(ov.Core()) else [])
+    for row in rows:
+        assert all(row[f"{c}_ms"] > 0 for c in columns), row
+        assert row["int8_f32_compute"] == "int8+f32" and 0.0 < row["int8_f32_float_op_share"] < 1.0
+        assert row["int8_speedup_vs_f32"] == pytest.approx(row["f32_ms"] / row["int8_f32_ms"])
+    (ratio,) = pair_ratios(rows, [("ours", "peer")])
+    assert ratio["int8_f32"] == pytest.approx(rows[0]["int8_f32_ms"] / rows[1]["int8_f32_ms"])
+    with pytest.raises(PeerModelError, match="both labels"):
+        pair_ratios(rows, [("ours", "yolo")])
+    # The command: a checkpoint without exports names the export command that makes them; reports are written.
+    with pytest.raises(PeerModelError, match="format=openvino int8=true"):
+        our_irs(tmp_path / "best.pt")
+    out = tmp_path / "peers"
+    assert main(["--ours", f"ours={folder}", "--peer", f"peer={paths['onnx']},{ours[1]}", "--pair", "ours:peer",
+                 "--runs", "1", "--warmup", "0", "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "peer_latency.json").read_text())
+    assert [r["model"] for r in report["rows"]] == ["ours", "peer"] and report["ratios"][0]["pair"] == "ours / peer"
+    assert "| ours / peer |" in (out / "peer_latency.md").read_text()

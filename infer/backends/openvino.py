@@ -88,6 +88,17 @@ def describe_precision(hint: str, counts: dict[str, int]) -> tuple[str, float | 
     return (f"int8+{hint}" if integer else hint), float_share
 
 
+def compiled_precision(compiled: Any, counts: dict[str, int] | None = None) -> tuple[str, float | None]:
+    """What a compiled model computes in ('f32', 'bf16', 'int8+bf16', ...) and the float share of its heavy
+    operations (None when the device exposes no runtime model); `counts`: its `operation_precisions`."""
+    try:
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    except Exception:  # not every device reports every property; absence is not an error
+        hint = None
+    name = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint or "")
+    return describe_precision(name or "f32", operation_precisions(compiled) if counts is None else counts)
+
+
 def _device_name(device: str | None) -> str:
     text = (device or "cpu").strip()
     kind, _, index = text.replace(":", ".").partition(".")
@@ -159,10 +170,8 @@ class OpenVinoBackend(Backend):
         self.output_names = self._check_outputs(self._output_name(o) for o in self.compiled.outputs)
         pshape = model.inputs[0].get_partial_shape()
         shape = [d.get_length() if d.is_static else None for d in pshape]
-        computed = self._property("INFERENCE_PRECISION_HINT")
-        computed_name = computed.get_type_name() if hasattr(computed, "get_type_name") else str(computed or "")
         op_precisions = operation_precisions(self.compiled)
-        precision_name, float_share = describe_precision(computed_name or "f32", op_precisions)
+        precision_name, float_share = compiled_precision(self.compiled, op_precisions)
         self.runtime = RuntimeInfo(
             backend=self.name,
             device=device_name,
