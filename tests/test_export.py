@@ -308,3 +308,19 @@ def test_peer_latency_times_our_exports_as_written_and_reports_ratios(exported, 
     report = json.loads((out / "peer_latency.json").read_text())
     assert [r["model"] for r in report["rows"]] == ["ours", "peer"] and report["ratios"][0]["pair"] == "ours / peer"
     assert "| ours / peer |" in (out / "peer_latency.md").read_text()
+
+
+def test_openvino_profile_splits_the_time_by_module_and_by_the_precision_the_cpu_ran(exported):
+    from dfineseg.benchmarks.ov_profile import kernel_precision, module_of, profile, render
+
+    paths, _ = exported
+    assert module_of("/decoder/layers.0/cross_attn/GridSample", 2) == "decoder/layers.0"
+    assert kernel_precision("brgconv_avx512_1x1_I8") == "i8" and kernel_precision("jit_avx512_f32") == "f32"
+    quantised = profile(paths["openvino_int8"] / "model.xml", hint="f32", runs=2, warmup=1, threads=1)
+    assert {"backbone", "encoder", "decoder"} <= set(quantised.by_module)
+    assert sum(quantised.by_module.values()) == pytest.approx(quantised.total_ms)
+    assert sum(quantised.by_precision.values()) == pytest.approx(quantised.total_ms)
+    assert quantised.by_precision["i8"] + quantised.by_precision["u8"] > 0 and quantised.by_precision["f32"] > 0
+    float_model = profile(paths["openvino"] / "model.xml", hint="f32", runs=2, warmup=1, threads=1)
+    assert float_model.by_precision["i8"] == 0 and float_model.by_precision["u8"] == 0
+    assert "| decoder |" in render(quantised, top=5)
