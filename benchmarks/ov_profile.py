@@ -17,8 +17,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 
 @dataclass
 class Profile:
@@ -43,16 +41,14 @@ def profile(path: str | Path, hint: str | None = "f32", runs: int = 20, warmup: 
             depth: int = 1) -> Profile:
     import openvino as ov
 
+    from dfineseg.benchmarks.peers import read_batch_one
+
     config: dict[str, object] = {"PERF_COUNT": True, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     if hint:
         config["INFERENCE_PRECISION_HINT"] = hint
     core = ov.Core()
-    model = core.read_model(str(path))
-    shape = model.inputs[0].get_partial_shape()
-    if not shape.is_static and all(d.is_static for d in list(shape)[1:]):
-        model.reshape([1, *[d.get_length() for d in list(shape)[1:]]])  # a dynamic batch: batch 1
+    model, x = read_batch_one(core, path)
     request = core.compile_model(model, "CPU", config).create_infer_request()
-    x = np.random.default_rng(0).random(list(model.inputs[0].get_partial_shape().to_shape()), dtype=np.float32)
     for _ in range(warmup):
         request.infer({0: x})
     out = Profile(total_ms=0.0)

@@ -151,20 +151,25 @@ def cpu_has_bf16(core: Any) -> bool:
         return False
 
 
+def read_batch_one(core: Any, path: str | Path) -> tuple[Any, np.ndarray]:
+    """(the model with batch 1, one fixed random input for it): a dynamic batch is set to 1; a dynamic image
+    size is refused, since latency depends on it."""
+    model = core.read_model(str(path))
+    shape = model.inputs[0].get_partial_shape()
+    if not shape.is_static and shape.rank.is_static and all(d.is_static for d in list(shape)[1:]):
+        model.reshape([1, *[d.get_length() for d in list(shape)[1:]]])
+        shape = model.inputs[0].get_partial_shape()
+    if not shape.is_static:
+        raise PeerModelError(f"{path}: export it with a static input size (got {shape}); batch 1 is timed")
+    return model, np.random.default_rng(0).random(list(shape.to_shape()), dtype=np.float32)
+
+
 def _compile(core: Any, path: Path, hint: str | None, threads: int) -> tuple[Any, np.ndarray]:
     config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     if hint is not None:
         config["INFERENCE_PRECISION_HINT"] = hint
-    model = core.read_model(str(path))
-    shape = model.inputs[0].get_partial_shape()
-    if not shape.is_static and shape.rank.is_static and all(d.is_static for d in list(shape)[1:]):
-        model.reshape([1, *[d.get_length() for d in list(shape)[1:]]])  # a dynamic batch: batch 1 is timed
-        shape = model.inputs[0].get_partial_shape()
-    if not shape.is_static:
-        raise PeerModelError(f"{path}: export it with a static input size (got {shape}); batch 1 is timed")
-    compiled = core.compile_model(model, "CPU", config)
-    x = np.random.default_rng(0).random(list(shape.to_shape()), dtype=np.float32)
-    return compiled, x
+    model, x = read_batch_one(core, path)
+    return core.compile_model(model, "CPU", config), x
 
 
 def measure_latency(models: dict[str, tuple[Path, Path]], runs: int, warmup: int, threads: int,

@@ -152,7 +152,8 @@ def load_data(cfg: Any, opened: ModelFile, plan: ExportPlan, say: Say) -> tuple[
             if not calib:
                 calib = _spread(images, calib_n)
         source = f"{path} split={cfg.eval.split} ({len(images)} images)"
-        data = ParityData(images, gts, source, plan.imgsz, plan.resize, plan.task, plan.conf, cfg.eval.iou, n_raw)
+        data = ParityData(images, gts, source, plan.imgsz, plan.resize, plan.task, plan.conf, cfg.eval.iou, n_raw,
+                       nms_iou=cfg.eval.nms_iou)
         return data, calib
     from dfineseg.data.synthetic import synth_image
 
@@ -161,7 +162,8 @@ def load_data(cfg: Any, opened: ModelFile, plan: ExportPlan, say: Say) -> tuple[
     calib = [synth_image(rng)[0] for _ in range(calib_n)] if plan.int8 else []
     source = f"{len(images)} generated images (no dataset: data=... not given, F1 not checked)"
     say(f"parity: no dataset found, using {source}")
-    return ParityData(images, None, source, plan.imgsz, plan.resize, plan.task, plan.conf, cfg.eval.iou, n_raw), calib
+    return ParityData(images, None, source, plan.imgsz, plan.resize, plan.task, plan.conf, cfg.eval.iou, n_raw,
+                       nms_iou=cfg.eval.nms_iou), calib
 
 
 def check_finite_weights(opened: ModelFile) -> None:

@@ -154,7 +154,8 @@ def quantize_int8(
                 gts_all: list[Any] = []
                 for images, gts in batch_items:
                     batch, metas = preprocess(list(images), imgsz, resize)
-                    dets = postprocess(forward_fixed(forward, batch, step), metas, conf=data.conf)
+                    dets = postprocess(forward_fixed(forward, batch, step), metas, conf=data.conf,
+                                       nms_iou=data.nms_iou)
                     dets_all.extend(dets)
                     gts_all.extend(gts)
                     per_item.append(_f1(dets, list(gts), data))

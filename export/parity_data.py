@@ -37,6 +37,9 @@ class ParityData:
     iou_thr: float = 0.5
     n_raw: int = 8  # images used for the raw/outputs/detections checks (the F1 check uses all)
     batch: int = 4
+    # The post-processing `val`, `bench` and `infer` apply (eval.nms_iou), so the F1 an export reports is the
+    # F1 users get; None: no NMS.
+    nms_iou: float | None = None
 
     @property
     def raw_images(self) -> list[np.ndarray]:
@@ -63,7 +66,7 @@ def collect_outputs(forward: Forward, images: Sequence[np.ndarray], data: Parity
 def detections_for(forward: Forward, data: ParityData, fixed_batch: int | None, images=None) -> list[Detections]:
     dets: list[Detections] = []
     for out, metas in iter_outputs(forward, data.images if images is None else images, data, fixed_batch):
-        dets.extend(postprocess(out, metas, conf=data.conf))
+        dets.extend(postprocess(out, metas, conf=data.conf, nms_iou=data.nms_iou))
     return dets
 
 

@@ -522,3 +522,38 @@ def test_int8_without_openvino_is_refused_before_any_work(tmp_path):
     with pytest.raises(ExportError, match="export.int8=true quantises the OpenVINO model: add openvino to format="):
         export_model(weights, cfg, say=None)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_f1_uses_the_nms_that_val_bench_and_infer_apply():
+    """A DETR can answer one object twice; `val`, `bench` and `infer` remove the duplicate (eval.nms_iou), so the
+    F1 an export reports (parity, INT8 accuracy control) must too, or it prints a lower F1 than users get."""
+    from dfineseg.config import Config
+    from dfineseg.export.parity_data import detections_for, f1_of
+
+    data, _ = _hand_made_f1_case(3)
+
+    def forward(batch: np.ndarray) -> dict[str, np.ndarray]:
+        n = batch.shape[0]
+        box = np.array([10, 10, 30, 30], np.float32) / 64.0
+        return {"scores": np.full((n, 2), 0.9, np.float32), "labels": np.zeros((n, 2), np.int64),
+                "boxes": np.tile(box, (n, 2, 1)) + np.array([0.0, 0.005], np.float32)[None, :, None]}
+
+    assert data.nms_iou is None
+    twice = f1_of(detections_for(forward, data, None), data)
+    assert twice["f1"] == pytest.approx(2 / 3)  # precision 0.5, recall 1
+    data.nms_iou = Config().eval.nms_iou
+    assert data.nms_iou is not None
+    once = f1_of(detections_for(forward, data, None), data)
+    assert once["f1"] == pytest.approx(1.0)
+    # The export takes it from the config it runs with.
+    from types import SimpleNamespace
+
+    from dfineseg.export.api import load_data
+
+    cfg = Config()
+    cfg.eval.nms_iou = 0.55
+    cfg.export.parity_images = 2
+    opened = SimpleNamespace(config=SimpleNamespace(data=SimpleNamespace(path=None)))
+    plan = SimpleNamespace(imgsz=(64, 64), resize="stretch", task="segment", conf=0.5, int8=False)
+    loaded, _ = load_data(cfg, opened, plan, say=lambda _msg: None)
+    assert loaded.nms_iou == 0.55
