@@ -17,8 +17,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,21 @@ COLUMNS = ["format", "status", "e2e_mean_ms", "e2e_p50_ms", "e2e_p95_ms", "raw_m
            "raw_p95_ms", "e2e_over_raw", "f1", "precision", "recall", "penalized_iou", "boundary_iou", "map50_95",
            "map50", "params_m", "size_mb", "backend", "device", "compute_precision", "float_op_share", "images", "file",
            "reason"]
+
+
+def interleaved_median_ms(runners: dict[Any, Callable[[], object]], runs: int, warmup: int) -> dict[Any, float]:
+    """Median ms per runner; the runners take turns so that a busy machine slows them all alike and the
+    ratios between variants stay meaningful."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[Any, list[float]] = {k: [] for k in runners}
+    for _ in range(runs):
+        for name, fn in runners.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1000)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def latency_stats(seconds: list[float]) -> dict[str, float]:

@@ -17,9 +17,7 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -32,6 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from dfineseg.benchmarks.harness import interleaved_median_ms  # noqa: E402
 from dfineseg.infer.graph import INPUT_NAME, output_names  # noqa: E402
 from dfineseg.model import DeployModel, DFINESeg, count_parameters  # noqa: E402
 from dfineseg.model.runner import deploy_module, module_forward  # noqa: E402
@@ -85,21 +84,6 @@ def gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad(), counter:
         model(x)
     return counter.get_total_flops() / 1e9
-
-
-def interleaved_median_ms(runners: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, float]:
-    """Median ms per runner; the runners take turns so that a busy machine slows them all alike and the
-    ratios between variants stay meaningful."""
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(runs):
-        for name, fn in runners.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t) * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def export_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path, segment: bool) -> None:

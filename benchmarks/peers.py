@@ -175,11 +175,9 @@ def _compile(core: Any, path: Path, hint: str | None, threads: int) -> tuple[Any
 def measure_latency(models: dict[str, tuple[Path, Path]], runs: int, warmup: int, threads: int,
                     columns: tuple[tuple[str, str, str | None], ...] = LATENCY_COLUMNS) -> list[dict[str, Any]]:
     """One row per model: median ms per column, the INT8 model's compute precision and float share."""
-    import statistics
-    import time
-
     import openvino as ov
 
+    from dfineseg.benchmarks.harness import interleaved_median_ms
     from dfineseg.infer.backends.openvino import compiled_precision
 
     core = ov.Core()
@@ -196,17 +194,9 @@ def measure_latency(models: dict[str, tuple[Path, Path]], runs: int, warmup: int
                 precision, share = compiled_precision(compiled)
                 rows[label][f"{column}_compute"] = precision
                 rows[label][f"{column}_float_op_share"] = share
-    for request, x in requests.values():
-        for _ in range(warmup):
-            request.infer({0: x})
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in requests}
-    for _ in range(runs):
-        for key, (request, x) in requests.items():
-            t = time.perf_counter()
-            request.infer({0: x})
-            times[key].append((time.perf_counter() - t) * 1000.0)
-    for (label, column), values in times.items():
-        rows[label][f"{column}_ms"] = statistics.median(values)
+    runners = {key: (lambda request=request, x=x: request.infer({0: x})) for key, (request, x) in requests.items()}
+    for (label, column), ms in interleaved_median_ms(runners, runs, warmup).items():
+        rows[label][f"{column}_ms"] = ms
     for row in rows.values():
         if row.get("int8_f32_ms"):
             row["int8_speedup_vs_f32"] = row["f32_ms"] / row["int8_f32_ms"]

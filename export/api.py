@@ -133,6 +133,11 @@ def load_data(cfg: Any, opened: ModelFile, plan: ExportPlan, say: Say) -> tuple[
     path = _dataset_path(cfg, opened)
     n_raw = cfg.export.parity_images
     calib_n = cfg.export.int8_calib_size
+
+    def parity_data(images: list[np.ndarray], gts: list[Any] | None, source: str) -> ParityData:
+        return ParityData(images, gts, source, plan.imgsz, plan.resize, plan.task, plan.conf, cfg.eval.iou, n_raw,
+                          nms_iou=cfg.eval.nms_iou)
+
     if path:
         from dfineseg.data import load_index, read_image
         from dfineseg.evaluate import ground_truth_from_record
@@ -152,9 +157,7 @@ def load_data(cfg: Any, opened: ModelFile, plan: ExportPlan, say: Say) -> tuple[
             if not calib:
                 calib = _spread(images, calib_n)
         source = f"{path} split={cfg.eval.split} ({len(images)} images)"
-        data = ParityData(images, gts, source, plan.imgsz, plan.resize, plan.task, plan.conf, cfg.eval.iou, n_raw,
-                       nms_iou=cfg.eval.nms_iou)
-        return data, calib
+        return parity_data(images, gts, source), calib
     from dfineseg.data.synthetic import synth_image
 
     rng = np.random.default_rng(0)
@@ -162,8 +165,7 @@ def load_data(cfg: Any, opened: ModelFile, plan: ExportPlan, say: Say) -> tuple[
     calib = [synth_image(rng)[0] for _ in range(calib_n)] if plan.int8 else []
     source = f"{len(images)} generated images (no dataset: data=... not given, F1 not checked)"
     say(f"parity: no dataset found, using {source}")
-    return ParityData(images, None, source, plan.imgsz, plan.resize, plan.task, plan.conf, cfg.eval.iou, n_raw,
-                       nms_iou=cfg.eval.nms_iou), calib
+    return parity_data(images, None, source), calib
 
 
 def check_finite_weights(opened: ModelFile) -> None:

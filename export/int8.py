@@ -27,8 +27,7 @@ from dfineseg.export.meta import write_openvino_metadata
 from dfineseg.export.openvino_export import PARITY_PRECISION_HINT, compiled_forward, import_openvino
 from dfineseg.export.parity_data import ParityData, detections_for, f1_of
 from dfineseg.export.publish import ArtefactRecord, artefact_size
-from dfineseg.infer.batching import chunks, forward_fixed, pad_batch
-from dfineseg.infer.postprocess import postprocess
+from dfineseg.infer.batching import chunks, pad_batch
 from dfineseg.infer.preprocess import preprocess
 from dfineseg.utils.io import atomic_write_bytes
 
@@ -153,9 +152,8 @@ def quantize_int8(
                 dets_all: list[Any] = []
                 gts_all: list[Any] = []
                 for images, gts in batch_items:
-                    batch, metas = preprocess(list(images), imgsz, resize)
-                    dets = postprocess(forward_fixed(forward, batch, step), metas, conf=data.conf,
-                                       nms_iou=data.nms_iou)
+                    # The parity code's detections (same preprocess, postprocess and NMS as its F1 check).
+                    dets = detections_for(forward, data, step, images=list(images))
                     dets_all.extend(dets)
                     gts_all.extend(gts)
                     per_item.append(_f1(dets, list(gts), data))

@@ -110,13 +110,13 @@ def _absent_own_modules(model_state: dict[str, torch.Tensor], file_state: dict[s
 
 
 def _merge(model_state: dict[str, torch.Tensor], file_state: dict[str, torch.Tensor], path: Path, *,
-           prefix: str, class_keys: set[str], scope: tuple[str, ...], size: str
+           prefix: str, class_keys: set[str], scope: tuple[str, ...], size: str, fresh: tuple[str, ...] = ()
            ) -> tuple[dict[str, torch.Tensor], list[str], int]:
+    """`fresh`: module prefixes that keep the model's own values (`_absent_own_modules`)."""
     merged = dict(model_state)
     reinit: list[str] = []
     loaded = 0
     hint = f"the model is size {size!r}; the file looks like size {_guess_size(file_state, prefix)!r}"
-    fresh = _absent_own_modules(model_state, file_state)
     for key, ours in model_state.items():
         if not key.startswith(scope) or key in SIZE_DEPENDENT or (fresh and key.startswith(fresh)):
             continue
@@ -166,6 +166,7 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
     model_state = model.state_dict()
     size = getattr(model, "size", "?")
     class_keys = set(model.decoder.class_dependent_keys()) if hasattr(model, "decoder") else set()
+    fresh = _absent_own_modules(model_state, state)
     if kind == "backbone":
         scope: tuple[str, ...] = ("backbone.",)
         merged, reinit, loaded = _merge(model_state, state, path, prefix="", class_keys=set(), scope=scope,
@@ -178,7 +179,7 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
             scope = ("encoder.", "decoder.")
             skipped = [k for k in state if k.startswith("backbone.")]
         merged, reinit, loaded = _merge(model_state, state, path, prefix="backbone.", class_keys=class_keys,
-                                        scope=scope, size=size)
+                                        scope=scope, size=size, fresh=fresh)
     else:
         scope = ("backbone.", "encoder.", "decoder.", "mask_head.")
         if any(k.startswith("mask_head.") for k in model_state) != any(k.startswith("mask_head.") for k in state):
@@ -187,11 +188,11 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
                 "set model.task to the checkpoint's task"
             )
         merged, reinit, loaded = _merge(model_state, state, path, prefix="backbone.", class_keys=class_keys,
-                                        scope=scope, size=size)
+                                        scope=scope, size=size, fresh=fresh)
     model.load_state_dict(merged, strict=True)
     # Only when the file holds a trained encoder and decoder: a backbone-only file leaves both at random, as
     # from scratch, where the fusion trains from its own initialisation (what was measured).
-    if kind != "backbone" and "encoder.fusion." in _absent_own_modules(model_state, state):
+    if kind != "backbone" and "encoder.fusion." in fresh:
         model.encoder.fusion_pass_through()
         log.info("%s has no dense-fusion weights: model.memory_fusion=dense starts as a pass-through of its "
                  "encoder (the loaded model's outputs are unchanged) and learns from there", path)
