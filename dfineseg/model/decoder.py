@@ -128,12 +128,14 @@ class MSDeformableAttention(nn.Module):
         ref = ref[:, :, None, None, :]
         locs = ref[..., :2] + offsets * scale * ref[..., 2:] * self.offset_scale
         grids = (2 * locs - 1).permute(0, 2, 1, 3, 4).flatten(0, 1)  # [B*heads, Q, total, 2]
-        sampled = []
-        for grid, value in zip(grids.split(self.points, dim=2), values, strict=True):
-            sampled.append(F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
         weights = weights.permute(0, 2, 1, 3).reshape(b * self.heads, 1, q, total)
-        out = (torch.cat(sampled, dim=-1) * weights).sum(-1)  # [B*heads, D/heads, Q]
-        return out.reshape(b, -1, q).transpose(1, 2)
+        # Weighted per level and summed, never concatenated: OpenVINO runs a Concat of INT8 samples on its
+        # reference kernel (1.8 ms of S's 70 ms; docs/BENCHMARKS.md).
+        out = None
+        for grid, w, value in zip(grids.split(self.points, dim=2), weights.split(self.points, dim=-1), values, strict=True):
+            level = (F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False) * w).sum(-1)
+            out = level if out is None else out + level
+        return out.reshape(b, -1, q).transpose(1, 2)  # [B*heads, D/heads, Q] -> [B, Q, D]
 
 
 class Gate(nn.Module):
@@ -311,13 +313,30 @@ class DFINEDecoder(nn.Module):
         logits = torch.where(valid, logits, torch.full_like(logits, float("inf")))
         return logits.to(dtype), valid
 
-    def _flatten(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        tokens, shapes = [], []
+    def _flatten(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]], list[torch.Tensor]]:
+        """-> (memory [B, sum(HW), D] tokens, per-level (H, W), the projected per-level maps [B, D, H, W])."""
+        tokens, shapes, maps = [], [], []
         for proj, f in zip(self.input_proj, feats, strict=True):
             f = proj(f)
+            maps.append(f)
             shapes.append((int(f.shape[2]), int(f.shape[3])))
             tokens.append(f.flatten(2).transpose(1, 2))
-        return torch.cat(tokens, 1), shapes
+        return torch.cat(tokens, 1), shapes, maps
+
+    def _head_values(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Cross-attention values, one [B*heads, D/heads, H, W] map per level, straight from the projected
+        [B, D, H, W] maps: a reshape only (channel = head * D/heads + c, the order the token layout splits).
+        Rebuilding them from the flattened memory instead costs a transpose of every token, which OpenVINO
+        runs in f32 even in INT8 (2.3 ms of S's 70 ms; docs/BENCHMARKS.md)."""
+        heads = self.decoder.heads
+        return [m.reshape(m.shape[0] * heads, m.shape[1] // heads, m.shape[2], m.shape[3]) for m in maps]
+
+    def _memory_values(self, memory: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """The same per-level value maps from token memory (used when BATO has changed the memory)."""
+        b, n, d = memory.shape
+        heads = self.decoder.heads
+        per_level = memory.reshape(b, n, heads, d // heads).permute(0, 2, 3, 1).split([h * w for h, w in shapes], -1)
+        return [v.reshape(b * heads, d // heads, h, w) for v, (h, w) in zip(per_level, shapes, strict=True)]
 
     # ------------------------------------------------------------------ forward
     def forward(self, feats: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None,
@@ -328,7 +347,7 @@ class DFINEDecoder(nn.Module):
         training, the last one in eval), `enc_memory` [B,Q,D] selected encoder states (training),
         `dn_split` (denoising split or None).
         """
-        memory, shapes = self._flatten(feats)
+        memory, shapes, maps = self._flatten(feats)
         # Tiny inputs can have fewer tokens than queries.
         topk = min(self.num_queries, int(memory.shape[1]))
         if self.training and self.num_denoising > 0 and targets is not None:
@@ -356,6 +375,9 @@ class DFINEDecoder(nn.Module):
         if self.balance is not None:  # the balance-aware query: interaction, then the second selection
             content, ref_unact, balance_aux = self.balance(content, ref_unact, self.enc_score_head, topk)
             memory = self.balance.optimize_memory(memory, content, ref_unact)  # BATO: the values the decoder reads
+            values = self._memory_values(memory, shapes)
+        else:
+            values = self._head_values(maps)
         if select_masks is not None:
             # Mask DINO's mask-enhanced anchor boxes (seed 001): the selected tokens' masks (`select_masks`:
             # states -> mask logits [B,K,h,w]) give the decoder's initial boxes; an empty mask keeps its box.
@@ -364,7 +386,7 @@ class DFINEDecoder(nn.Module):
             content = torch.cat([dn_content, content], 1)
             ref_unact = torch.cat([dn_ref, ref_unact], 1)
 
-        layers = self._run_layers(content, ref_unact, memory, shapes, attn_mask)
+        layers = self._run_layers(content, ref_unact, values, shapes, attn_mask)
         out, extras = self._assemble(layers, dn_meta)
         if self.training:
             sel_logits = enc_logits.gather(1, idx[..., None].expand(-1, -1, enc_logits.shape[-1]))
@@ -375,14 +397,10 @@ class DFINEDecoder(nn.Module):
             extras["enc_memory"] = sel_mem
         return out, extras
 
-    def _run_layers(self, target: torch.Tensor, ref_unact: torch.Tensor, memory: torch.Tensor,
+    def _run_layers(self, target: torch.Tensor, ref_unact: torch.Tensor, values: list[torch.Tensor],
                     shapes: list[tuple[int, int]], attn_mask: torch.Tensor | None) -> dict[str, Any]:
+        """`values`: the cross-attention values, one [B*heads, D/heads, H, W] map per level."""
         dec = self.decoder
-        b, n, d = memory.shape
-        heads = dec.heads
-        # Values: the memory split into heads, one [B*heads, D/heads, H, W] map per level.
-        per_level = memory.reshape(b, n, heads, d // heads).permute(0, 2, 3, 1).split([h * w for h, w in shapes], -1)
-        values = [v.reshape(b * heads, d // heads, h, w) for v, (h, w) in zip(per_level, shapes, strict=True)]
         project = weighting_function(self.reg_max, self.up, self.reg_scale)
 
         ref = ref_unact.sigmoid()
