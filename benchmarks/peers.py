@@ -7,8 +7,9 @@ segment head of YOLO26 exports two outputs:
 - prototypes (B, M, H/4, W/4)
 
 Mask logits of detection k are `coeffs_k . prototypes`, which is exactly our exported-graph contract
-(`mask_logits` at 1/4 of the input), so the peer goes through the same `postprocess` and the same metric
-code as our own models, with the same letterbox resizing that Ultralytics' predictor uses.
+(`mask_embed` . `mask_features` at 1/4 of the input), so the peer goes through the same `postprocess` (the
+product taken only for kept detections, inside their boxes) and the same metric code as our own models,
+with the same letterbox resizing that Ultralytics' predictor uses.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dfineseg.infer.errors import UserError
-from dfineseg.infer.graph import MASK_LOGITS
+from dfineseg.infer.graph import MASK_EMBED, MASK_FEATURES
 
 
 class PeerModelError(UserError):
@@ -73,7 +74,8 @@ class YoloSegRunner:
 
 
 def yolo_end_to_end_to_contract(outputs: list[np.ndarray], input_hw: tuple[int, int], path: Path | str = "peer") -> dict[str, np.ndarray]:
-    """(detections (B,K,6+M), prototypes (B,M,h,w)) -> scores, labels, boxes (normalised xyxy), mask_logits."""
+    """(detections (B,K,6+M), prototypes (B,M,h,w)) -> scores, labels, boxes (normalised xyxy), and the mask
+    coefficients as `mask_embed` (B,K,M) with the prototypes as `mask_features` (B,h,w,M)."""
     dets = next((o for o in outputs if o.ndim == 3), None)
     protos = next((o for o in outputs if o.ndim == 4), None)
     if dets is None or dets.shape[-1] < 6:
@@ -93,7 +95,8 @@ def yolo_end_to_end_to_contract(outputs: list[np.ndarray], input_hw: tuple[int, 
         b, m, ph, pw = protos.shape
         if coeffs.shape[-1] != m:
             raise PeerModelError(f"{path}: {coeffs.shape[-1]} mask coefficients but {m} prototypes")
-        out[MASK_LOGITS] = np.einsum("bkm,bmhw->bkhw", coeffs, protos).astype(np.float32)
+        out[MASK_EMBED] = np.ascontiguousarray(coeffs, dtype=np.float32)
+        out[MASK_FEATURES] = np.ascontiguousarray(protos.transpose(0, 2, 3, 1), dtype=np.float32)
     return out
 
 

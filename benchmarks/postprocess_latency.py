@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from dfineseg.infer.detections import integer_boxes
-from dfineseg.infer.graph import MASK_LOGITS
+from dfineseg.infer.graph import MASK_EMBED, MASK_FEATURES
 from dfineseg.infer.postprocess import postprocess
 from dfineseg.infer.preprocess import ResizeMeta, boxes_to_network, preprocess
 
@@ -48,11 +48,14 @@ def synthetic_outputs(
     for i, (x1, y1, x2, y2) in enumerate(boxes):
         blob = 1 - ((cx - (x1 + x2) / 2) / ((x2 - x1) / 2.5)) ** 2 - ((cy - (y1 + y2) / 2) / ((y2 - y1) / 2.5)) ** 2
         logits[i] = 6 * blob + cv2.resize(rng.normal(size=(8, 8)).astype(np.float32), (wm, hm), interpolation=cv2.INTER_CUBIC)
+    # The graph's factored form with one feature channel per query and one-hot embeddings, so that the logit
+    # of query i is exactly its blob (real models have 64 channels: the product here is a little dearer).
     return {
         "scores": scores[None],
         "labels": rng.integers(0, 10, (1, queries)).astype(np.int64),
         "boxes": boxes[None],
-        MASK_LOGITS: logits[None],
+        MASK_FEATURES: np.ascontiguousarray(logits.transpose(1, 2, 0))[None],
+        MASK_EMBED: np.eye(queries, dtype=np.float32)[None],
     }
 
 
@@ -65,8 +68,10 @@ def naive_masks(outputs: dict[str, np.ndarray], meta: ResizeMeta, conf: float, a
     boxes = (boxes - [meta.pad_x, meta.pad_y, meta.pad_x, meta.pad_y]) / [meta.scale_x, meta.scale_y, meta.scale_x, meta.scale_y]
     rects = integer_boxes(boxes, meta.orig_shape)
     out = np.zeros((len(idx), meta.orig_h, meta.orig_w), bool)
-    for k, (q, (x0, y0, x1, y1)) in enumerate(zip(idx, rects)):
-        up = cv2.resize(outputs[MASK_LOGITS][0, q], (meta.in_w, meta.in_h), interpolation=cv2.INTER_LINEAR)
+    # the product for the detections it processes, over the whole map (what an in-graph product computes)
+    logits = (outputs[MASK_FEATURES][0] @ outputs[MASK_EMBED][0, idx].T).transpose(2, 0, 1)
+    for k, (logit, (x0, y0, x1, y1)) in enumerate(zip(logits, rects)):
+        up = cv2.resize(logit, (meta.in_w, meta.in_h), interpolation=cv2.INTER_LINEAR)
         full = cv2.resize(up[meta.pad_y : meta.pad_y + nh, meta.pad_x : meta.pad_x + nw], (meta.orig_w, meta.orig_h),
                           interpolation=cv2.INTER_LINEAR)
         out[k, y0:y1, x0:x1] = full[y0:y1, x0:x1] > 0

@@ -19,7 +19,7 @@ from dfineseg.export.errors import ExportError
 from dfineseg.export.gather_sampler import use_gather_sampler
 from dfineseg.export.meta import with_precision, write_onnx_metadata
 from dfineseg.export.publish import ArtefactRecord, artefact_size
-from dfineseg.infer.graph import INPUT_NAME, OUTPUT_NAMES, RAW_NAMES
+from dfineseg.infer.graph import DETECTION_OUTPUTS, INPUT_NAME, MASK_OUTPUTS, OUTPUT_NAMES, RAW_NAMES
 from dfineseg.utils.io import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -86,10 +86,10 @@ def _has_layernorm(module: nn.Module) -> bool:
 def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:
     with torch.no_grad():
         out = model(example)
-    if not isinstance(out, tuple | list) or len(out) not in (3, 4):
+    if not isinstance(out, tuple | list) or len(out) not in (len(DETECTION_OUTPUTS), len(OUTPUT_NAMES)):
         raise ExportError(
             f"the deploy model returned {type(out).__name__} of length {len(out) if hasattr(out, '__len__') else '?'}; "
-            "expected (scores, labels, boxes[, mask_logits])"
+            f"expected ({', '.join(DETECTION_OUTPUTS)}[, {', '.join(MASK_OUTPUTS)}])"
         )
     return len(out)
 

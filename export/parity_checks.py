@@ -47,7 +47,8 @@ from dfineseg.export.tolerances import (
 )
 from dfineseg.infer.boxes import box_iou
 from dfineseg.infer.detections import Detections
-from dfineseg.infer.graph import MASK_LOGITS
+from dfineseg.infer.graph import MASK_EMBED, MASK_OUTPUTS
+from dfineseg.infer.postprocess import mask_logit_rows
 from dfineseg.infer.preprocess import preprocess
 
 
@@ -187,10 +188,11 @@ def _matched_raw_diff(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], to
 
 def check_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: Tolerance,
                   conf: float | None = None) -> Check:
-    """The artefact's top-K against PyTorch's: scores sorted, then boxes and mask logits of paired entries."""
+    """The artefact's top-K against PyTorch's: scores sorted, then boxes and mask logits of paired entries
+    (the logits a detection's mask is cut from: embedding . pixel features, over the whole map)."""
     if (failed := _non_finite_check("outputs", got, tol)) is not None:
         return failed
-    for name in ("labels", "boxes", MASK_LOGITS):
+    for name in ("labels", "boxes", *MASK_OUTPUTS):
         if name in ref and name not in got:
             return Check("outputs", None, tol.raw, False, True, {"missing_output": name})
         if name in got and got[name].shape != ref[name].shape:
@@ -211,8 +213,8 @@ def check_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: T
         entry = np.abs(ref["boxes"][b, rows].astype(np.float64) - got["boxes"][b, cols]).max(-1)
         box_diff = max(box_diff, float(entry.max()))
         label_mismatch += int((ref["labels"][b, rows] != got["labels"][b, cols]).sum())
-        if MASK_LOGITS in ref:
-            a, c = ref[MASK_LOGITS][b, rows].astype(np.float64), got[MASK_LOGITS][b, cols]
+        if MASK_EMBED in ref:
+            a, c = mask_logit_rows(ref, b, rows), mask_logit_rows(got, b, cols)
             # Mask logits are unbounded (tens): judged relative to their magnitude, at the same tolerance.
             m = np.abs(a - c).reshape(len(rows), -1).max(-1)
             mask_diff = max(mask_diff, float(m.max()))

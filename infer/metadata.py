@@ -1,7 +1,7 @@
 """The metadata map stored inside every exported model (ONNX metadata_props, OpenVINO rt_info, a JSON
 sidecar for TensorRT engines): a flat str -> str map, so every container can hold it unchanged.
 
-Keys (docs/ARCHITECTURE.md section 4): ``dfineseg_schema`` ("1"), ``dfineseg_version``, ``task``,
+Keys (docs/ARCHITECTURE.md section 4): ``dfineseg_schema`` ("2"), ``dfineseg_version``, ``task``,
 ``names`` (JSON list), ``category_ids`` (JSON list), ``imgsz`` (JSON [H, W]), ``resize``
 ("stretch" | "letterbox"), ``conf``, ``topk``, ``precision``. Plain strings are stored as they are;
 every other value is JSON.
@@ -16,7 +16,10 @@ from typing import Any
 
 from dfineseg.infer.errors import UserError
 
-SCHEMA_VERSION = 1
+# 2: segment graphs output mask features + per-detection embeddings instead of mask logits
+# (dfineseg.infer.graph); schema-1 files still load. A dfineseg that reads only schema 1 refuses schema-2
+# files with "upgrade dfineseg" instead of failing on the missing mask_logits output.
+SCHEMA_VERSION = 2
 TASKS = ("segment", "detect")
 RESIZE_MODES = ("stretch", "letterbox")
 REQUIRED_KEYS = ("dfineseg_schema", "task", "names", "imgsz", "resize")

@@ -19,25 +19,33 @@ exactly the position a full-image ``resize(mask, (W,H))`` followed by un-letterb
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from dfineseg.infer.boxes import box_iou
 from dfineseg.infer.detections import Detections, integer_boxes
-from dfineseg.infer.graph import MASK_LOGITS, OUTPUT_NAMES
+from dfineseg.infer.graph import (
+    DETECTION_OUTPUTS,
+    KNOWN_OUTPUTS,
+    MASK_EMBED,
+    MASK_FEATURES,
+    MASK_LOGITS,
+    OUTPUT_NAMES,
+)
 from dfineseg.infer.preprocess import ResizeMeta, boxes_to_original
 
 
 def _as_output_dict(outputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     if isinstance(outputs, Mapping):
-        missing = [k for k in OUTPUT_NAMES[:3] if k not in outputs]
+        missing = [k for k in DETECTION_OUTPUTS if k not in outputs]
         if missing:
             raise KeyError(f"model outputs lack {missing}; got {sorted(outputs)} (expected {list(OUTPUT_NAMES)})")
-        return {k: np.asarray(v) for k, v in outputs.items() if k in OUTPUT_NAMES and v is not None}
+        return {k: np.asarray(v) for k, v in outputs.items() if k in KNOWN_OUTPUTS and v is not None}
     seq = list(outputs)
-    if len(seq) not in (3, 4):
-        raise ValueError(f"expected 3 (detect) or 4 (segment) model outputs in the order {OUTPUT_NAMES}, got {len(seq)}")
+    if len(seq) not in (3, 5):
+        raise ValueError(f"expected 3 (detect) or 5 (segment) model outputs in the order {OUTPUT_NAMES}, got {len(seq)}")
     return {k: np.asarray(v) for k, v in zip(OUTPUT_NAMES, seq)}
 
 
@@ -93,11 +101,68 @@ def _sample_positions(n_out: int, a: float, b: float, n_map: int) -> tuple[np.nd
     return i0, (pos - i0).astype(np.float32)
 
 
-def mask_in_box(logits: np.ndarray, meta: ResizeMeta, rect: Sequence[int]) -> np.ndarray:
+class FeatureLogits:
+    """One detection's (Hm, Wm) mask-logit map, computed only where it is read: ``logits[y0:y1, x0:x1]`` is
+    the product of that window of the pixel features (Hm, Wm, C) with the detection's embedding (C,)."""
+
+    def __init__(self, features: np.ndarray, embed: np.ndarray) -> None:
+        self.features = features
+        self.embed = np.asarray(embed, dtype=np.float32)
+        self.shape = features.shape[:2]
+
+    def __getitem__(self, window: tuple[slice, slice]) -> np.ndarray:
+        crop = self.features[window]  # (h, w, C), a view
+        h, w, c = crop.shape
+        out = np.empty((h, w), dtype=np.float32)
+        rows = max(1, _MAX_MACS_PER_PRODUCT // max(w * c, 1))  # rows per product: see _MAX_MACS_PER_PRODUCT
+        for r0 in range(0, h, rows):
+            np.matmul(crop[r0 : r0 + rows], self.embed, out=out[r0 : r0 + rows])
+        return out
+
+
+def mask_logit_maps(outputs: Mapping[str, np.ndarray], b: int) -> Callable[[int], Any] | None:
+    """Image b's mask logits as `k -> (Hm, Wm) map` (an array, or a `FeatureLogits` computed on demand);
+    None for a detection model. Reads today's factored outputs and the ``mask_logits`` of schema-1 files."""
+    if MASK_LOGITS in outputs:
+        logits = outputs[MASK_LOGITS][b]
+        return lambda k: logits[k]
+    if MASK_FEATURES in outputs:
+        features, embed = outputs[MASK_FEATURES][b], outputs[MASK_EMBED][b]
+        return lambda k: FeatureLogits(features, embed[k])
+    return None
+
+
+def mask_logit_rows(outputs: Mapping[str, np.ndarray], b: int, rows: np.ndarray) -> np.ndarray:
+    """Full (len(rows), Hm, Wm) float64 logit maps of detections `rows` of image b (for parity checks)."""
+    if MASK_LOGITS in outputs:
+        return outputs[MASK_LOGITS][b, rows].astype(np.float64)
+    features = outputs[MASK_FEATURES][b].astype(np.float64)
+    return np.einsum("kc,hwc->khw", outputs[MASK_EMBED][b, rows].astype(np.float64), features, optimize=True)
+
+
+def _check_mask_shapes(out: Mapping[str, np.ndarray], scores: np.ndarray) -> None:
+    if MASK_LOGITS in out:
+        logits = out[MASK_LOGITS]
+        if logits.ndim != 4 or logits.shape[:2] != scores.shape:
+            raise ValueError(f"mask_logits shape {logits.shape} does not match scores {scores.shape} (expected [B,K,H/4,W/4])")
+        return
+    if (MASK_FEATURES in out) != (MASK_EMBED in out):
+        raise ValueError(f"segment outputs need both {MASK_FEATURES} and {MASK_EMBED}; got {sorted(out)}")
+    if MASK_FEATURES in out:
+        features, embed = out[MASK_FEATURES], out[MASK_EMBED]
+        if features.ndim != 4 or embed.shape != scores.shape + (features.shape[-1],) or features.shape[0] != scores.shape[0]:
+            raise ValueError(
+                f"mask output shapes {MASK_FEATURES} {features.shape}, {MASK_EMBED} {embed.shape} do not match scores "
+                f"{scores.shape} (expected [B,H/4,W/4,C] and [B,K,C])"
+            )
+
+
+def mask_in_box(logits: Any, meta: ResizeMeta, rect: Sequence[int]) -> np.ndarray:
     """Binary mask of one detection over its pixel rectangle (x0, y0, x1, y1) in the original image.
 
-    ``logits`` is the detection's (Hm, Wm) mask-logit map at 1/4 of the network input. Only the cells
-    under the box and the neighbours bilinear interpolation at its edge reads are touched. Bilinear
+    ``logits`` is the detection's (Hm, Wm) mask-logit map at 1/4 of the network input: an array, or a
+    `FeatureLogits` that computes the window it is asked for. Only the cells under the box and the
+    neighbours bilinear interpolation at its edge reads are touched. Bilinear
     interpolation is separable: the horizontal pass runs on the few crop rows (small), the vertical
     pass is a banded product computed a band of rows at a time.
     """
@@ -145,8 +210,9 @@ def postprocess(
     nms_iou: float | None = None,
     max_det: int | None = None,
 ) -> list[Detections]:
-    """Batched graph outputs (``scores`` [B,K], ``labels`` [B,K], ``boxes`` [B,K,4] xyxy normalised,
-    optional ``mask_logits`` [B,K,H/4,W/4]) -> one `Detections` per image.
+    """Batched graph outputs (``scores`` [B,K], ``labels`` [B,K], ``boxes`` [B,K,4] xyxy normalised, for
+    segment ``mask_features`` [B,H/4,W/4,C] + ``mask_embed`` [B,K,C], or a schema-1 file's ``mask_logits``
+    [B,K,H/4,W/4]) -> one `Detections` per image.
 
     Keeps ``score >= threshold`` (``class_conf`` maps a class index to its own threshold, others use
     ``conf``), then optional class-aware NMS at ``nms_iou`` (off by default: DETR outputs need none),
@@ -155,14 +221,12 @@ def postprocess(
     """
     out = _as_output_dict(outputs)
     scores, labels, boxes = out["scores"], out["labels"], out["boxes"]
-    logits = out.get(MASK_LOGITS)
     if scores.ndim != 2 or labels.shape != scores.shape or boxes.shape != scores.shape + (4,):
         raise ValueError(
             f"output shapes disagree: scores {scores.shape}, labels {labels.shape}, boxes {boxes.shape} "
             "(expected [B,K], [B,K], [B,K,4])"
         )
-    if logits is not None and (logits.ndim != 4 or logits.shape[:2] != scores.shape):
-        raise ValueError(f"mask_logits shape {logits.shape} does not match scores {scores.shape} (expected [B,K,H/4,W/4])")
+    _check_mask_shapes(out, scores)
     if len(metas) != scores.shape[0]:
         raise ValueError(f"{len(metas)} resize metas for a batch of {scores.shape[0]}")
 
@@ -178,9 +242,10 @@ def postprocess(
             keep = keep[:max_det]
         xyxy = boxes_to_original(boxes[b][keep], meta, clip=True).astype(np.float32)
         masks = origins = None
-        if logits is not None:
+        logit_map = mask_logit_maps(out, b)
+        if logit_map is not None:
             rects = integer_boxes(xyxy, meta.orig_shape)
-            masks = [mask_in_box(logits[b, k], meta, r) for k, r in zip(keep, rects)]
+            masks = [mask_in_box(logit_map(k), meta, r) for k, r in zip(keep, rects)]
             origins = rects[:, :2]
         results.append(
             Detections(

@@ -26,7 +26,7 @@ from dfineseg.infer.backends import (
 )
 from dfineseg.infer.batching import pad_batch, run_images
 from dfineseg.infer.detections import Detections
-from dfineseg.infer.graph import MASK_LOGITS, OUTPUT_NAMES
+from dfineseg.infer.graph import MASK_OUTPUTS, OUTPUT_NAMES, has_masks
 from dfineseg.infer.metadata import ModelInfo
 from dfineseg.infer.postprocess import DEFAULT_NMS_IOU, postprocess
 from dfineseg.infer.preprocess import preprocess
@@ -121,9 +121,12 @@ class Predictor:
         except ModelFileError:
             be.close()
             raise
-        if info.task == "segment" and MASK_LOGITS not in be.output_names:
+        if info.task == "segment" and not has_masks(be.output_names):
             be.close()
-            raise ModelFileError(f"{be.path}: metadata says task=segment but the graph has no '{MASK_LOGITS}' output")
+            raise ModelFileError(
+                f"{be.path}: metadata says task=segment but the graph has no mask outputs ({', '.join(MASK_OUTPUTS)}); "
+                f"it has {list(be.output_names)}: export it again with `dfineseg export`"
+            )
         if tuple(be.runtime.input_hw) != tuple(info.imgsz):
             # the graph is the authority on what it accepts; the metadata only describes it
             info = replace(info, imgsz=tuple(be.runtime.input_hw))

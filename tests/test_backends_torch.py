@@ -104,8 +104,10 @@ def test_checkpoint_predictions_equal_the_model_computed_by_hand(tiny_checkpoint
             unused.remove(best)
     batch = np.zeros((2, 3, 64, 96), np.float32)
     raw = predictor.backend.forward(batch)
-    assert set(raw) == {"scores", "labels", "boxes", "mask_logits"}
-    assert raw["labels"].dtype == np.int64 and raw["mask_logits"].shape == (2, 7, 16, 24)
+    assert set(raw) == {"scores", "labels", "boxes", "mask_features", "mask_embed"}
+    channels = raw["mask_features"].shape[-1]
+    assert raw["labels"].dtype == np.int64 and raw["mask_features"].shape == (2, 16, 24, channels)
+    assert raw["mask_embed"].shape == (2, 7, channels)
 
 
 def test_torch_backend_device_errors(tiny_checkpoint):

@@ -47,7 +47,8 @@ def test_layout_conversion_matches_the_formula():
     np.testing.assert_allclose(out["boxes"][0, 0], [8 / 64, 8 / 64, 40 / 64, 32 / 64])
     assert out["labels"].dtype == np.int64 and out["labels"][0, 0] == 2
     expected = np.tensordot(dets[0, 3, 6:], protos[0], axes=(0, 0))
-    np.testing.assert_allclose(out["mask_logits"][0, 3], expected, rtol=1e-5, atol=1e-5)
+    logits = out["mask_features"][0] @ out["mask_embed"][0, 3]  # the product post-processing takes
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_onnx_peer_runs_through_our_postprocess(tmp_path):

@@ -99,7 +99,7 @@ def test_onnx_file_follows_the_graph_contract(exported, trained_run):  # noqa: F
     assert [i.name for i in model.graph.input] == ["images"]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     outs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
-    assert outs == {"scores": 1, "labels": 7, "boxes": 1, "mask_logits": 1}
+    assert outs == {"scores": 1, "labels": 7, "boxes": 1, "mask_features": 1, "mask_embed": 1}
     meta = decode_metadata({p.key: p.value for p in model.metadata_props})
     assert meta.names == trained_run.names and meta.imgsz == tuple(trained_run.imgsz)
     assert meta.precision == "fp32" and meta.task == "segment" and abs(meta.conf - trained_run.conf) < 1e-6
@@ -263,8 +263,9 @@ def test_non_square_320_static_batch_export(trained_run, tmp_path):  # noqa: F81
     paths = export_model(trained_run.checkpoint, cfg, say=None)
     session = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == [2, 3, 256, 320]
-    scores, labels, boxes, masks = session.run(None, {"images": np.zeros((2, 3, 256, 320), np.float32)})
-    assert masks.shape[2:] == (64, 80) and labels.dtype == np.int64
+    scores, labels, boxes, features, embed = session.run(None, {"images": np.zeros((2, 3, 256, 320), np.float32)})
+    assert features.shape[:3] == (2, 64, 80) and embed.shape == (2, scores.shape[1], features.shape[3])
+    assert labels.dtype == np.int64
     report = json.loads(paths["summary"].read_text())["artefacts"]["onnx"]["parity"]
     assert report["passed"]
     # 3 images through a batch-2 graph: the last slice was padded, and parity still compared all three.

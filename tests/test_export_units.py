@@ -27,7 +27,8 @@ class Sampler(nn.Module):
 
 
 class SmallDeploy(nn.Module):
-    """DeployModel-shaped stand-in: conv, LayerNorm, grid_sample, float arange, top-K, per-query mask logits."""
+    """DeployModel-shaped stand-in: conv, LayerNorm, grid_sample, float arange, top-K, pixel features (NHWC) and
+    per-query mask embeddings."""
 
     def __init__(self, classes: int = 3, queries: int = 12, k: int = 5, dim: int = 8) -> None:
         super().__init__()
@@ -51,8 +52,8 @@ class SmallDeploy(nn.Module):
         scores, idx = scores.topk(self.k, dim=1)
         cxcywh = self.box(q).sigmoid().gather(1, idx[..., None].expand(-1, -1, 4))
         boxes = torch.cat([cxcywh[..., :2] - cxcywh[..., 2:] / 2, cxcywh[..., :2] + cxcywh[..., 2:] / 2], -1)
-        masks = torch.einsum("bqd,bdhw->bqhw", q.gather(1, idx[..., None].expand(-1, -1, d)), feat)
-        return scores, labels.gather(1, idx), boxes, masks
+        embed = q.gather(1, idx[..., None].expand(-1, -1, d))
+        return scores, labels.gather(1, idx), boxes, feat.permute(0, 2, 3, 1), embed
 
 
 def _run(path, **feeds):
@@ -143,7 +144,7 @@ def test_fp16_onnx_has_float32_io_keeps_layernorm_fp32_and_runs_in_onnxruntime(t
     onnx.save(fp16, str(path16))
 
     elem = {i.name: i.type.tensor_type.elem_type for i in list(fp16.graph.input) + list(fp16.graph.output)}
-    assert elem == {"images": 1, "scores": 1, "labels": 7, "boxes": 1, "mask_logits": 1}
+    assert elem == {"images": 1, "scores": 1, "labels": 7, "boxes": 1, "mask_features": 1, "mask_embed": 1}
     weights = {t.name: t.data_type for t in fp16.graph.initializer}
     conv_w = [n.input[1] for n in fp16.graph.node if n.op_type == "Conv"]
     assert conv_w and all(weights[w] == onnx.TensorProto.FLOAT16 for w in conv_w)
@@ -162,7 +163,7 @@ def test_fp16_onnx_has_float32_io_keeps_layernorm_fp32_and_runs_in_onnxruntime(t
     ref = _run(info.path, images=x)
     got = _run(path16, images=x)
     assert got[1].dtype == np.int64 and got[0].dtype == np.float32
-    for name, a, b in zip(("scores", "labels", "boxes", "mask_logits"), ref, got):
+    for name, a, b in zip(("scores", "labels", "boxes", "mask_features", "mask_embed"), ref, got):
         if name == "labels":
             continue
         scale = max(1.0, float(np.abs(a).max()))

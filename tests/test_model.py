@@ -104,10 +104,11 @@ def test_eval_outputs_and_deploy_model_contract(tiny_seg: DFINESeg) -> None:
     x = torch.rand(2, 3, 96, 160)
     with torch.no_grad():
         out = model(x)
-        scores, labels, boxes, masks = DeployModel(model, topk=10)(x)
+        scores, labels, boxes, features, embed = DeployModel(model, topk=10)(x)
     assert set(out) == {"pred_logits", "pred_boxes", "pred_masks"}
     assert scores.shape == (2, 10) and labels.shape == (2, 10) and labels.dtype == torch.int64
-    assert boxes.shape == (2, 10, 4) and masks.shape == (2, 10, 24, 40)
+    assert boxes.shape == (2, 10, 4) and features.shape[:3] == (2, 24, 40) and embed.shape == (2, 10, features.shape[3])
+    masks = torch.einsum("bkc,bhwc->bkhw", embed, features)  # the product post-processing takes
     probs = out["pred_logits"].sigmoid()
     best, best_label = probs.max(-1)
     top, idx = best.topk(10, dim=1)

@@ -56,8 +56,17 @@ def _outputs(rng, meta, k=12, segment=True):
         "boxes": boxes_net[None],
     }
     if segment:
-        out["mask_logits"] = _smooth_logits(rng, boxes_net, meta.in_h // 4, meta.in_w // 4)[None]
+        logits = _smooth_logits(rng, boxes_net, meta.in_h // 4, meta.in_w // 4)
+        # The graph's factored form: one feature channel per query and one-hot embeddings give exactly these
+        # logits (`_logit_maps`).
+        out["mask_features"] = np.ascontiguousarray(logits.transpose(1, 2, 0))[None]
+        out["mask_embed"] = np.eye(k, dtype=np.float32)[None]
     return out, boxes_orig
+
+
+def _logit_maps(outputs):
+    """The (K, Hm, Wm) logit maps of image 0: embedding . features, per query."""
+    return np.einsum("kc,hwc->khw", outputs["mask_embed"][0], outputs["mask_features"][0])
 
 
 # Realistic proportions (a 1/4-resolution map of a few-hundred-pixel input): the two pipelines differ
@@ -71,7 +80,7 @@ def test_masks_match_naive_full_image_pipeline(resize, orig, imgsz):
     kept = np.nonzero(outputs["scores"][0] >= 0.3)[0]
     kept = kept[np.argsort(-outputs["scores"][0][kept])]
     assert len(det) == len(kept) > 3
-    ref = naive_masks(outputs["mask_logits"][0][kept], meta, det.boxes)
+    ref = naive_masks(_logit_maps(outputs)[kept], meta, det.boxes)
     full = det.full_masks()
     for i in range(len(det)):
         inter = np.logical_and(full[i], ref[i]).sum()
@@ -106,7 +115,7 @@ def test_masks_sample_the_logit_map_at_the_right_place(resize):
     (det,) = postprocess(outputs, [meta], conf=0.5)
     full = det.full_masks()
     for i in range(len(det)):
-        exact = _bilinear_at_original_pixels(outputs["mask_logits"][0, i], meta) > 0
+        exact = _bilinear_at_original_pixels(_logit_maps(outputs)[i], meta) > 0
         x0, y0, x1, y1 = integer_boxes(det.boxes[i : i + 1], meta.orig_shape)[0]
         inside = np.zeros_like(exact)
         inside[y0:y1, x0:x1] = True
@@ -124,7 +133,7 @@ def test_stretch_masks_equal_one_resize_of_the_whole_map():
     (det,) = postprocess(outputs, [meta], conf=0.5)
     full = det.full_masks()
     for i, rect in enumerate(integer_boxes(det.boxes, meta.orig_shape)):
-        one = cv2.resize(outputs["mask_logits"][0, i], (meta.orig_w, meta.orig_h), interpolation=cv2.INTER_LINEAR) > 0
+        one = cv2.resize(_logit_maps(outputs)[i], (meta.orig_w, meta.orig_h), interpolation=cv2.INTER_LINEAR) > 0
         inside = np.zeros_like(one)
         inside[rect[1] : rect[3], rect[0] : rect[2]] = True
         assert np.count_nonzero(full[i] != (one & inside)) <= 2, i
@@ -190,5 +199,31 @@ def test_bad_outputs_are_named():
             {"scores": np.zeros((1, 3)), "labels": np.zeros((1, 3)), "boxes": np.zeros((1, 3, 4)), "mask_logits": np.zeros((1, 2, 16, 16))},
             [meta],
         )
+    base = {"scores": np.zeros((1, 3)), "labels": np.zeros((1, 3)), "boxes": np.zeros((1, 3, 4))}
+    with pytest.raises(ValueError, match="mask_embed"):  # features without embeddings
+        postprocess({**base, "mask_features": np.zeros((1, 16, 16, 8))}, [meta])
+    with pytest.raises(ValueError, match=r"\[B,K,C\]"):  # embeddings of another width than the features
+        postprocess({**base, "mask_features": np.zeros((1, 16, 16, 8)), "mask_embed": np.zeros((1, 3, 4))}, [meta])
     with pytest.raises(ValueError, match="metas"):
         postprocess([np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2, 3, 4))], [meta])
+
+
+@pytest.mark.parametrize("resize", ["letterbox", "stretch"])
+def test_factored_mask_outputs_give_exactly_the_masks_of_their_logits(resize):
+    """Masks from (pixel features, embeddings) - the product taken only inside each kept box - equal the masks
+    cut from the full logit maps (what files of metadata schema 1 output), pixel for pixel."""
+    rng = np.random.default_rng(3)
+    _, meta = resize_image(np.zeros((300, 500, 3), np.uint8), (256, 320), resize)
+    outputs, _ = _outputs(rng, meta, k=10)
+    channels = 24
+    mix = rng.normal(size=(10, channels)).astype(np.float32)  # a dense embedding instead of one-hot
+    features = (outputs["mask_features"][0] @ np.linalg.pinv(mix).T).astype(np.float32)  # logits = mix . features
+    factored = {**outputs, "mask_features": features[None], "mask_embed": mix[None]}
+    legacy = {k: v for k, v in outputs.items() if not k.startswith("mask_")}
+    legacy["mask_logits"] = np.einsum("kc,hwc->khw", mix, features).astype(np.float32)[None]
+    (a,) = postprocess(factored, [meta], conf=0.2)
+    (b,) = postprocess(legacy, [meta], conf=0.2)
+    assert len(a) >= 3 and a.has_masks
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+    for ma, mb in zip(a.masks, b.masks, strict=True):
+        np.testing.assert_array_equal(ma, mb)

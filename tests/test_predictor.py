@@ -8,6 +8,7 @@ import pytest
 from test_predictor_standin import (
     IMGSZ,
     assert_same_detections,
+    convert_openvino,
     export_onnx,
     metadata,
     scene,
@@ -48,8 +49,33 @@ def test_letterbox_metadata_is_used(standin_files, tmp_path):
     assert_same_detections(predictor.predict(img), expected, box_iou_min=0.999, mask_iou_min=0.999)
 
 
+def test_files_of_metadata_schema_1_with_mask_logits_still_load_and_give_the_same_detections(standin_files, tmp_path):
+    """Files exported before masks left the graph (one mask_logits output) run on both runtimes and give
+    exactly the masks of today's factored outputs."""
+    legacy_onnx = export_onnx(tmp_path / "legacy.onnx", legacy=True)
+    (tmp_path / "ov").mkdir()
+    legacy_ov = convert_openvino(legacy_onnx, tmp_path / "ov" / "model.xml")
+    today = Predictor.load(standin_files.onnx)
+    assert "mask_embed" in today.backend.output_names
+    for path in (legacy_onnx, legacy_ov):
+        old = Predictor.load(path)
+        assert "mask_logits" in old.backend.output_names and old.info.schema == 1
+        for seed in (3, 6):
+            img = scene(seed)
+            ref = today.predict(img)
+            assert ref.has_masks and len(ref)
+            assert_same_detections(old.predict(img), ref, box_iou_min=0.999, mask_iou_min=1.0)
+
+
+def test_segment_file_without_mask_outputs_is_refused(tmp_path):
+    path = export_onnx(tmp_path / "nomasks.onnx", task="detect", meta=metadata(task="segment"))
+    with pytest.raises(ModelFileError, match="no mask outputs") as err:
+        Predictor.load(path)
+    assert str(path) in str(err.value) and "dfineseg export" in str(err.value)
+
+
 def test_newer_schema_is_refused_with_a_clear_message(tmp_path):
-    path = export_onnx(tmp_path / "future.onnx", meta=metadata(schema=2))
+    path = export_onnx(tmp_path / "future.onnx", meta=metadata(schema=3))
     with pytest.raises(ModelFileError, match="newer dfineseg") as err:
         Predictor.load(path)
     assert str(path) in str(err.value)

@@ -20,9 +20,14 @@ IMGSZ = (64, 96)
 GRID = (2, 3)  # one query per grid cell -> K = 6
 
 
-def make_module(task: str = "segment"):
+SEGMENT_OUTPUTS = ("scores", "labels", "boxes", "mask_features", "mask_embed")
+LEGACY_SEGMENT_OUTPUTS = ("scores", "labels", "boxes", "mask_logits")  # metadata schema 1
+
+
+def make_module(task: str = "segment", legacy: bool = False):
     """Graph contract: images [B,3,H,W] -> scores [B,K], labels int64 [B,K], boxes [B,K,4] xyxy
-    normalised, (segment) mask_logits [B,K,H/4,W/4]."""
+    normalised, (segment) mask_features [B,H/4,W/4,2] + mask_embed [B,K,2], or with `legacy` (a schema-1
+    file) mask_logits [B,K,H/4,W/4]; both give the same logits."""
     import torch
     from torch import nn
 
@@ -48,13 +53,18 @@ def make_module(task: str = "segment"):
                 return scores, labels, boxes
             quarter = nn.functional.avg_pool2d(images, 4)  # [B,3,H/4,W/4]
             logits = 10.0 * (quarter.amax(1, keepdim=True) - 0.5)
-            masks = logits.expand(-1, boxes.shape[1], -1, -1) + 0.0 * scores[..., None, None]
-            return scores, labels, boxes, masks
+            if legacy:
+                masks = logits.expand(-1, boxes.shape[1], -1, -1) + 0.0 * scores[..., None, None]
+                return scores, labels, boxes, masks
+            # feature channels (logit map, its negation); each detection's embedding picks the first
+            features = torch.cat([logits, -logits], 1).permute(0, 2, 3, 1)
+            embed = torch.stack([torch.ones_like(scores), torch.zeros_like(scores)], -1)
+            return scores, labels, boxes, features, embed
 
     return StandIn().eval()
 
 
-def metadata(task: str = "segment", conf: float = 0.5, schema: int = 1, resize: str = "stretch") -> dict[str, str]:
+def metadata(task: str = "segment", conf: float = 0.5, schema: int = 2, resize: str = "stretch") -> dict[str, str]:
     return {
         "dfineseg_schema": str(schema),
         "dfineseg_version": "0.1.0",
@@ -69,15 +79,16 @@ def metadata(task: str = "segment", conf: float = 0.5, schema: int = 1, resize: 
     }
 
 
-def export_onnx(path: Path, task: str = "segment", batch: int | None = None, meta: dict | None = None) -> Path:
-    """batch=None: dynamic batch; an int: that fixed batch."""
+def export_onnx(path: Path, task: str = "segment", batch: int | None = None, meta: dict | None = None,
+                legacy: bool = False) -> Path:
+    """batch=None: dynamic batch; an int: that fixed batch. legacy: a schema-1 file (mask_logits)."""
     import warnings
 
     import onnx
     import torch
 
-    module = make_module(task)
-    names = ["scores", "labels", "boxes"] + (["mask_logits"] if task == "segment" else [])
+    module = make_module(task, legacy)
+    names = list(SEGMENT_OUTPUTS if not legacy else LEGACY_SEGMENT_OUTPUTS) if task == "segment" else ["scores", "labels", "boxes"]
     dynamic = None if batch else {"images": {0: "batch"}, **{n: {0: "batch"} for n in names}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -86,7 +97,7 @@ def export_onnx(path: Path, task: str = "segment", batch: int | None = None, met
             dynamic_axes=dynamic, opset_version=17, dynamo=False,
         )
     proto = onnx.load(str(path))
-    for key, value in (meta if meta is not None else metadata(task)).items():
+    for key, value in (meta if meta is not None else metadata(task, schema=1 if legacy else 2)).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(path))
@@ -116,8 +127,7 @@ class TorchRunner:
 
         with torch.no_grad():
             outs = self.module(torch.from_numpy(np.ascontiguousarray(batch)))
-        names = ("scores", "labels", "boxes", "mask_logits")
-        return {n: o.numpy() for n, o in zip(names, outs)}
+        return {n: o.numpy() for n, o in zip(SEGMENT_OUTPUTS, outs)}
 
 
 def torch_reference(task: str = "segment", conf: float = 0.5):
@@ -169,10 +179,13 @@ def test_standin_follows_the_graph_contract():
     from dfineseg.infer.preprocess import preprocess
 
     batch, _ = preprocess([scene(0), scene(1)], IMGSZ)
-    scores, labels, boxes, masks = make_module()(torch.from_numpy(batch))
+    scores, labels, boxes, features, embed = make_module()(torch.from_numpy(batch))
     k = GRID[0] * GRID[1]
     assert scores.shape == (2, k) and labels.dtype == torch.int64 and boxes.shape == (2, k, 4)
-    assert masks.shape == (2, k, IMGSZ[0] // 4, IMGSZ[1] // 4)
+    assert features.shape == (2, IMGSZ[0] // 4, IMGSZ[1] // 4, 2) and embed.shape == (2, k, 2)
+    masks = torch.einsum("bkc,bhwc->bkhw", embed, features)
+    legacy = make_module(legacy=True)(torch.from_numpy(batch))
+    torch.testing.assert_close(masks, legacy[3])  # the schema-1 form gives the same logits
     assert (boxes[..., 2] > boxes[..., 0]).all() and (boxes[..., 3] > boxes[..., 1]).all()
     # content matters: the two scenes do not give the same scores, and some cells are confident
     assert not torch.allclose(scores[0], scores[1])

@@ -141,12 +141,12 @@ def test_metadata_round_trip_and_schema_guard():
                      topk=50, task="detect", precision="int8", version="0.1.0")
     flat = info.to_metadata()
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in flat.items())
-    assert flat["dfineseg_schema"] == "1" and flat["resize"] == "letterbox" and flat["imgsz"] == "[384, 640]"
+    assert flat["dfineseg_schema"] == "2" and flat["resize"] == "letterbox" and flat["imgsz"] == "[384, 640]"
     assert decode_metadata(flat) == info
     assert encode_metadata({"names": ["x"]})["dfineseg_version"]  # filled in
 
-    with pytest.raises(MetadataError, match=r"newer dfineseg.*schema 2.*upgrade"):
-        decode_metadata({**flat, "dfineseg_schema": "2"}, source="m.onnx")
+    with pytest.raises(MetadataError, match=r"newer dfineseg.*schema 3.*upgrade"):
+        decode_metadata({**flat, "dfineseg_schema": "3"}, source="m.onnx")
     with pytest.raises(MetadataError, match=r"m.onnx.*missing keys \['names'\]"):
         decode_metadata({k: v for k, v in flat.items() if k != "names"}, source="m.onnx")
     with pytest.raises(MetadataError, match="'imgsz'"):

@@ -166,8 +166,9 @@ class DFINESeg(nn.Module):
 
 class DeployModel(nn.Module):
     """The exported graph: images [B,3,H,W] RGB 0..1 -> (scores [B,K], labels int64 [B,K], boxes [B,K,4] xyxy
-    normalised, mask_logits [B,K,H/4,W/4] for segment). Top-K over queries by their best class score; masks
-    are computed only for the K selected queries."""
+    normalised, and for segment mask_features [B,H/4,W/4,C] + mask_embed [B,K,C]). Top-K over queries by their
+    best class score. A mask logit is `mask_embed[k] . mask_features[pixel]` (`MaskHead.mask_logits`); the
+    product is left to post-processing, which takes it only for kept detections (dfineseg.infer.graph)."""
 
     def __init__(self, model: DFINESeg, topk: int = 100):
         super().__init__()
@@ -194,8 +195,8 @@ class DeployModel(nn.Module):
             return scores, labels, boxes
         hidden = extras["hidden"][-1]
         hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
-        masks = m.mask_head.mask_logits(hidden, pixels)
-        return scores, labels, boxes, masks
+        embed = m.mask_head.scaled_embedding(hidden)
+        return scores, labels, boxes, pixels.permute(0, 2, 3, 1), embed
 
 
 def build_model(model_cfg: Any, num_classes: int) -> DFINESeg:

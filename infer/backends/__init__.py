@@ -3,7 +3,8 @@
 Every backend has the same small surface so the Predictor (and the benchmark, which times `forward`
 apart from pre/post-processing) never cares which runtime runs:
 
-- `forward(batch: float32 [B,3,H,W]) -> {"scores", "labels", "boxes"[, "mask_logits"]: np.ndarray}`
+- `forward(batch: float32 [B,3,H,W]) -> {"scores", "labels", "boxes"[, "mask_features", "mask_embed"]: np.ndarray}`
+  (the names of `dfineseg.infer.graph`; a schema-1 segment file gives "mask_logits" instead of the pair)
 - `metadata`: the flat str->str map stored in the model file at export (see `dfineseg.infer.metadata`)
 - `runtime`: what really runs (provider/device actually used, precision it computes in, batch limits)
 

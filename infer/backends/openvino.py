@@ -17,7 +17,6 @@ import numpy as np
 
 from dfineseg.infer.backends import (
     INPUT_NAME,
-    OUTPUT_NAMES,
     Backend,
     BackendUnavailableError,
     ModelFileError,
@@ -26,6 +25,7 @@ from dfineseg.infer.backends import (
     import_runtime,
 )
 from dfineseg.infer.backends._common import input_hw_from, runtime_message
+from dfineseg.infer.graph import KNOWN_OUTPUTS
 
 _PRECISIONS = {"f32": "f32", "fp32": "f32", "f16": "f16", "fp16": "f16", "half": "f16", "bf16": "bf16"}
 _HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT", "cumulative_throughput": "CUMULATIVE_THROUGHPUT"}
@@ -196,7 +196,7 @@ class OpenVinoBackend(Backend):
     @staticmethod
     def _output_name(output: Any) -> str:
         names = output.get_names()
-        known = [n for n in OUTPUT_NAMES if n in names]
+        known = [n for n in KNOWN_OUTPUTS if n in names]
         return known[0] if known else output.get_any_name()
 
     def _property(self, key: str) -> Any:
