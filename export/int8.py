@@ -2,7 +2,12 @@
 
 The precision-sensitive tail of D-FINE stays in float from the start (ignored scope): the softmax over
 the distribution bins and its integral (a MatMul with the bin positions, which INT8 would snap to a
-few levels), the box heads and box decoding, the localisation-quality head, and top-K. Accuracy
+few levels), the box heads, the decoder's own arithmetic on boxes (reference boxes, inverse sigmoid, box
+decoding from the distributions, the next layer's references), the positional-query MLP that reads those
+boxes, the localisation-quality head, and top-K. Without the box arithmetic and the positional MLP, NNCF
+put 256-level FakeQuantize nodes on the decoded boxes between layers (float-kept operations get quantised
+outputs when their consumer is quantised): S lost 0.020 F1 on 400 held-out images, 0.0075 with them
+(docs/BENCHMARKS.md "INT8 sensitivity by module"). Accuracy
 control (`nncf.quantize_with_accuracy_control`) then reverts further layers until the F1 drop is at
 most `max_drop`. Without ground truth, plain `nncf.quantize` on the calibration images is used and
 the result says that accuracy was not controlled.
@@ -40,6 +45,10 @@ log = logging.getLogger(__name__)
 PRECISION_SENSITIVE = (
     r".*/decoder/Softmax(_\d+)?(/.*|_output.*)?$",  # distribution softmax
     r".*/decoder/MatMul(_\d+)?(/.*|_output.*)?$",  # its integral over the bin positions
+    # Every operation of the decoder's own forward (op-type names, capitalised; its submodules are lower
+    # case): the box arithmetic, which includes the two above, kept as their own patterns so a rename fails.
+    r".*/decoder/[A-Z][^/]*(/.*)?$",
+    r".*/decoder/query_pos_head.*",  # positional queries from the boxes
     r".*/decoder/(dec|pre|enc)_bbox_head.*",  # box regression heads
     r".*/decoder/lqe_layers.*",  # localisation-quality estimate (top-k of the distribution)
     r".*TopK.*",
