@@ -37,9 +37,9 @@ COLUMNS = ["format", "status", "e2e_mean_ms", "e2e_p50_ms", "e2e_p95_ms", "raw_m
            "reason"]
 
 
-def interleaved_median_ms(runners: dict[Any, Callable[[], object]], runs: int, warmup: int) -> dict[Any, float]:
-    """Median ms per runner; the runners take turns so that a busy machine slows them all alike and the
-    ratios between variants stay meaningful."""
+def interleaved_times_ms(runners: dict[Any, Callable[[], object]], runs: int, warmup: int) -> dict[Any, list[float]]:
+    """Per runner, its ms in each round (index i = round i); the runners take turns, so the i-th times of two
+    runners were taken within one round, under the same machine state."""
     for fn in runners.values():
         for _ in range(warmup):
             fn()
@@ -49,7 +49,13 @@ def interleaved_median_ms(runners: dict[Any, Callable[[], object]], runs: int, w
             t = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t) * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_median_ms(runners: dict[Any, Callable[[], object]], runs: int, warmup: int) -> dict[Any, float]:
+    """Median ms per runner; the runners take turns so that a busy machine slows them all alike and the
+    ratios between variants stay meaningful."""
+    return {k: statistics.median(v) for k, v in interleaved_times_ms(runners, runs, warmup).items()}
 
 
 def latency_stats(seconds: list[float]) -> dict[str, float]:

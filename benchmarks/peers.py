@@ -14,6 +14,7 @@ with the same letterbox resizing that Ultralytics' predictor uses.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +181,7 @@ def measure_latency(models: dict[str, tuple[Path, Path]], runs: int, warmup: int
     """One row per model: median ms per column, the INT8 model's compute precision and float share."""
     import openvino as ov
 
-    from dfineseg.benchmarks.harness import interleaved_median_ms
+    from dfineseg.benchmarks.harness import interleaved_times_ms
     from dfineseg.infer.backends.openvino import compiled_precision
 
     core = ov.Core()
@@ -198,26 +199,46 @@ def measure_latency(models: dict[str, tuple[Path, Path]], runs: int, warmup: int
                 rows[label][f"{column}_compute"] = precision
                 rows[label][f"{column}_float_op_share"] = share
     runners = {key: (lambda request=request, x=x: request.infer({0: x})) for key, (request, x) in requests.items()}
-    for (label, column), ms in interleaved_median_ms(runners, runs, warmup).items():
-        rows[label][f"{column}_ms"] = ms
+    for (label, column), times in interleaved_times_ms(runners, runs, warmup).items():
+        rows[label][f"{column}_ms"] = statistics.median(times)
+        rows[label][f"{column}_rounds_ms"] = times  # per round, for the paired ratios
     for row in rows.values():
         if row.get("int8_f32_ms"):
             row["int8_speedup_vs_f32"] = row["f32_ms"] / row["int8_f32_ms"]
     return list(rows.values())
 
 
+def paired_round_ratios(ours_ms: list[float], peer_ms: list[float]) -> dict[str, float]:
+    """Ratios of the two models' times taken in the same round (same machine state): their median, 10th and
+    90th percentiles, and the median over the quietest quarter of rounds (those where the peer ran at or below
+    its own 25th percentile). On a shared VM the machine's speed drifts by tens of percent within minutes and
+    models do not slow down alike (a memory-bound one more), so the spread says how much the ratio depends on the
+    machine's state, and the quiet quarter is the ratio on an unloaded machine."""
+    ours_a, peer_a = np.asarray(ours_ms, dtype=np.float64), np.asarray(peer_ms, dtype=np.float64)
+    if ours_a.shape != peer_a.shape or not ours_a.size:
+        raise ValueError(f"paired ratios need the same rounds for both models, got {ours_a.size} and {peer_a.size}")
+    per_round = ours_a / peer_a
+    quiet = per_round[peer_a <= np.percentile(peer_a, 25)]
+    return {"median": float(np.median(per_round)), "p10": float(np.percentile(per_round, 10)),
+            "p90": float(np.percentile(per_round, 90)), "quiet": float(np.median(quiet))}
+
+
 def pair_ratios(rows: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    """ours / peer per column (<= 1.0: ours is at least as fast)."""
+    """ours / peer per column (<= 1.0: ours is at least as fast): the ratio of the medians, and where the per-round
+    times are known, the paired per-round statistics (`paired_round_ratios`) as `<column>_rounds`."""
     by_label = {r["model"]: r for r in rows}
     out = []
     for ours, peer in pairs:
         if ours not in by_label or peer not in by_label:
             raise PeerModelError(f"--pair {ours}:{peer}: both labels must name a measured model "
                                  f"({', '.join(by_label)})")
-        ratio = {"pair": f"{ours} / {peer}"}
+        ratio: dict[str, Any] = {"pair": f"{ours} / {peer}"}
         for column, *_ in LATENCY_COLUMNS:
             a, b = by_label[ours].get(f"{column}_ms"), by_label[peer].get(f"{column}_ms")
             ratio[column] = (a / b) if a and b else None
+            rounds = by_label[ours].get(f"{column}_rounds_ms"), by_label[peer].get(f"{column}_rounds_ms")
+            if rounds[0] and rounds[1]:
+                ratio[f"{column}_rounds"] = paired_round_ratios(*rounds)
         out.append(ratio)
     return out
 
@@ -234,11 +255,24 @@ def latency_markdown(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -
             f"| {r['model']} | {ms(r.get('f32_ms'))} | {ms(r.get('bf16_ms'))} | {ms(r.get('int8_ms'))} | "
             f"{ms(r.get('int8_f32_ms'))} | {r.get('int8_compute', 'n/a')} | "
             f"{'n/a' if share is None else f'{share:.3f}'} | {ms(r.get('int8_speedup_vs_f32')).replace('n/a', '-')}x |")
+    columns = ("f32", "bf16", "int8", "int8_f32")
     if ratios:
-        lines += ["", "| ours / peer | f32 | bf16 | INT8 (default hint) | INT8 (f32 hint) |", "|---|---|---|---|---|"]
+        lines += ["", "| ours / peer (ratio of medians) | f32 | bf16 | INT8 (default hint) | INT8 (f32 hint) |",
+                  "|---|---|---|---|---|"]
         for q in ratios:
-            cells = " | ".join("n/a" if q[c] is None else f"{q[c]:.2f}" for c in ("f32", "bf16", "int8", "int8_f32"))
+            cells = " | ".join("n/a" if q[c] is None else f"{q[c]:.2f}" for c in columns)
             lines.append(f"| {q['pair']} | {cells} |")
+
+        def paired(q: dict[str, Any], c: str) -> str:
+            r = q.get(f"{c}_rounds")
+            return "n/a" if r is None else f"{r['median']:.2f} [{r['p10']:.2f}-{r['p90']:.2f}], quiet {r['quiet']:.2f}"
+
+        lines += ["", "Per round (both models timed in the same round): median [10th-90th percentile], and the median "
+                  "over the quietest quarter of rounds (the peer at or below its 25th percentile). A wide range "
+                  "means the ratio depends on how loaded the machine is.", "",
+                  "| ours / peer, per round | f32 | bf16 | INT8 (default hint) | INT8 (f32 hint) |", "|---|---|---|---|---|"]
+        for q in ratios:
+            lines.append(f"| {q['pair']} | " + " | ".join(paired(q, c) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

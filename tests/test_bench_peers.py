@@ -7,7 +7,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dfineseg.benchmarks.peers import PeerModelError, YoloSegRunner, yolo_end_to_end_to_contract
+from dfineseg.benchmarks.peers import (
+    PeerModelError,
+    YoloSegRunner,
+    pair_ratios,
+    paired_round_ratios,
+    yolo_end_to_end_to_contract,
+)
 from dfineseg.infer.postprocess import postprocess
 from dfineseg.infer.preprocess import preprocess
 
@@ -70,3 +76,19 @@ def test_wrong_layout_is_explained(tmp_path):
         yolo_end_to_end_to_contract([np.zeros((1, 84, 8400), np.float32)[..., :4].reshape(1, 4, 84)[:, :, :4]], (64, 64))
     with pytest.raises(PeerModelError, match="not found"):
         YoloSegRunner(tmp_path / "missing.onnx")
+
+
+def test_paired_round_ratios_separate_quiet_and_loaded_rounds():
+    """Four quiet rounds (ours 3 % slower) and four loaded ones (ours 20 % slower): the paired statistics show
+    both, where the ratio of the medians blends them into a number no round had."""
+    peer = [10.0, 20.0, 10.0, 20.0, 10.0, 20.0, 10.0, 20.0]
+    ours = [10.3, 24.0, 10.3, 24.0, 10.3, 24.0, 10.3, 24.0]
+    r = paired_round_ratios(ours, peer)
+    assert r["quiet"] == pytest.approx(1.03) and r["p10"] == pytest.approx(1.03) and r["p90"] == pytest.approx(1.2)
+    assert r["median"] == pytest.approx((1.03 + 1.2) / 2)
+    rows = [{"model": "ours", "int8_ms": 17.15, "int8_rounds_ms": ours}, {"model": "peer", "int8_ms": 15.0, "int8_rounds_ms": peer}]
+    (ratio,) = pair_ratios(rows, [("ours", "peer")])
+    assert ratio["int8"] == pytest.approx(17.15 / 15.0) and ratio["int8_rounds"] == r
+    assert ratio["f32"] is None and "f32_rounds" not in ratio  # a column not measured stays empty
+    with pytest.raises(ValueError, match="same rounds"):
+        paired_round_ratios(ours[:3], peer)

@@ -307,6 +307,9 @@ def test_peer_latency_times_our_exports_as_written_and_reports_ratios(exported, 
         assert row["int8_speedup_vs_f32"] == pytest.approx(row["f32_ms"] / row["int8_f32_ms"])
     (ratio,) = pair_ratios(rows, [("ours", "peer")])
     assert ratio["int8_f32"] == pytest.approx(rows[0]["int8_f32_ms"] / rows[1]["int8_f32_ms"])
+    assert len(rows[0]["int8_f32_rounds_ms"]) == 2  # every round's time is kept for the paired ratios
+    paired = ratio["int8_f32_rounds"]
+    assert paired["p10"] <= paired["median"] <= paired["p90"] and paired["quiet"] > 0
     with pytest.raises(PeerModelError, match="both labels"):
         pair_ratios(rows, [("ours", "yolo")])
     # The command: a checkpoint without exports names the export command that makes them; reports are written.
@@ -317,7 +320,8 @@ def test_peer_latency_times_our_exports_as_written_and_reports_ratios(exported, 
                  "--runs", "1", "--warmup", "0", "--threads", "1", "--out", str(out)]) == 0
     report = json.loads((out / "peer_latency.json").read_text())
     assert [r["model"] for r in report["rows"]] == ["ours", "peer"] and report["ratios"][0]["pair"] == "ours / peer"
-    assert "| ours / peer |" in (out / "peer_latency.md").read_text()
+    text = (out / "peer_latency.md").read_text()
+    assert "| ours / peer |" in text and "quiet" in text and report["ratios"][0]["int8_rounds"]["quiet"] > 0
 
 
 def test_openvino_profile_splits_the_time_by_module_and_by_the_precision_the_cpu_ran(exported):
