@@ -213,7 +213,8 @@ def paired_round_ratios(ours_ms: list[float], peer_ms: list[float]) -> dict[str,
     90th percentiles, and the median over the quietest quarter of rounds (those where the peer ran at or below
     its own 25th percentile). On a shared VM the machine's speed drifts by tens of percent within minutes and
     models do not slow down alike (a memory-bound one more), so the spread says how much the ratio depends on the
-    machine's state, and the quiet quarter is the ratio on an unloaded machine."""
+    machine's state, and the quiet quarter is the ratio in the run's least loaded rounds (a run spent wholly in a
+    loaded state has no unloaded rounds to show: compare runs made at different times)."""
     ours_a, peer_a = np.asarray(ours_ms, dtype=np.float64), np.asarray(peer_ms, dtype=np.float64)
     if ours_a.shape != peer_a.shape or not ours_a.size:
         raise ValueError(f"paired ratios need the same rounds for both models, got {ours_a.size} and {peer_a.size}")
