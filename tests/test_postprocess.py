@@ -216,8 +216,11 @@ def test_factored_mask_outputs_give_exactly_the_masks_of_their_logits(resize):
     _, meta = resize_image(np.zeros((300, 500, 3), np.uint8), (256, 320), resize)
     outputs, _ = _outputs(rng, meta, k=10)
     channels = 24
-    mix = rng.normal(size=(10, channels)).astype(np.float32)  # a dense embedding instead of one-hot
-    features = (outputs["mask_features"][0] @ np.linalg.pinv(mix).T).astype(np.float32)  # logits = mix . features
+    # A dense embedding instead of one-hot. Small integers (features in 1/8 steps) keep every product and sum
+    # exact in float32, so the two summation orders agree on any CPU and BLAS and the comparison can be exact.
+    mix = rng.integers(-3, 4, size=(10, channels)).astype(np.float32)
+    features = np.round(8 * outputs["mask_features"][0] @ np.linalg.pinv(mix).T) / 8  # logits ~ mix . features
+    features = features.astype(np.float32)
     factored = {**outputs, "mask_features": features[None], "mask_embed": mix[None]}
     legacy = {k: v for k, v in outputs.items() if not k.startswith("mask_")}
     legacy["mask_logits"] = np.einsum("kc,hwc->khw", mix, features).astype(np.float32)[None]
