@@ -34,7 +34,9 @@ from dfineseg.overrides import ConfigError, deep_merge, load_yaml_with_bases, pa
 
 # 2: model.memory_fusion defaults to dense and data.augment.copy_paste.p to 0.5 (measured, docs/BENCHMARKS.md
 # "Seed techniques"); configs written as version 1 keep version 1's defaults for the keys they lack (`migrate_config`).
-SCHEMA_VERSION = 2
+# 3: model.memory_fusion defaults by size (dense for tiny/n, none for s and larger: BENCHMARKS, "The dense memory
+# fusion by size").
+SCHEMA_VERSION = 3
 
 ModelSize = Literal["tiny", "n", "s", "m", "l", "x"]
 
@@ -199,9 +201,10 @@ class ModelConfig(Section):
     decoder_balance: Literal["none", "di"] = Field(
         "none", description="di: DI-MaskDINO's De-Imbalance module, a balance-aware query from a double selection "
         "with token interaction, and its Balance-Aware Tokens Optimization of the decoder's memory (seed 000)")
-    memory_fusion: Literal["none", "dense"] = Field(
-        "dense", description="Stable-DINO dense memory fusion: backbone, FPN and PAN features per level fused "
-        "before the decoder (seed 004); none: the official D-FINE encoder")
+    memory_fusion: Literal["none", "dense"] | None = Field(
+        None, description="Stable-DINO dense memory fusion: backbone, FPN and PAN features per level fused "
+        "before the decoder (seed 004); none: the official D-FINE encoder; default: dense for sizes tiny and n, "
+        "none for s and larger (where it costs more than 5 % latency), resolved and saved when a run starts")
     task: Literal["detect", "segment"] = "segment"
     num_classes: int | None = Field(None, ge=1, description="default: from the dataset")
     num_queries: int = Field(300, ge=1)
@@ -322,6 +325,10 @@ class ExportConfig(Section):
     int8_max_drop: float = Field(0.01, ge=0.0)
     int8_calib_size: int = Field(100, ge=1)
     int8_max_iterations: int | None = Field(None, ge=0, description="accuracy control: most layers reverted to float (None: NNCF's default, no limit)")
+    int8_control_seconds: float | None = Field(
+        90.0, ge=0.0, description="accuracy control (only for an INT8 model that misses int8_max_drop): most "
+        "seconds NNCF may spend ranking and reverting layers before the first INT8 model is kept and reported "
+        "(None: no limit)")
     workspace_gb: float = Field(4.0, gt=0)
     out: str | None = Field(None, description="default: the checkpoint's folder")
 
@@ -420,6 +427,7 @@ BENCH_ALIASES = {
 # (a user's YAML, the command line) gets today's defaults.
 CHANGED_DEFAULTS: dict[int, dict[str, Any]] = {
     2: {"model.memory_fusion": "none", "data.augment.copy_paste.p": 0.0},
+    3: {"model.memory_fusion": "dense"},
 }
 
 

@@ -71,6 +71,7 @@ class ExportPlan:
     info: ModelInfo  # the settings above as the metadata every artefact carries
     int8_max_drop: float
     int8_max_iterations: int | None
+    int8_control_seconds: float | None
     workspace_gb: float
 
 
@@ -108,6 +109,7 @@ def make_plan(weights: str | Path, cfg: Any, opened: ModelFile) -> ExportPlan:
         info=info,
         int8_max_drop=e.int8_max_drop,
         int8_max_iterations=e.int8_max_iterations,
+        int8_control_seconds=e.int8_control_seconds,
         workspace_gb=e.workspace_gb,
     )
 

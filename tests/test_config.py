@@ -226,7 +226,7 @@ def test_configs_written_before_a_default_changed_keep_the_defaults_they_trained
     """Schema 2 turned on model.memory_fusion=dense and copy-paste: a run folder's config.yaml or a checkpoint's
     config written as version 1 without those keys must rebuild the version-1 model and recipe."""
     today = load_config()
-    assert today.model.memory_fusion == "dense" and today.data.augment.copy_paste.p == 0.5
+    assert today.model.memory_fusion is None and today.data.augment.copy_paste.p == 0.5  # None: by size
     v1 = Config().to_dict()
     v1["schema_version"] = 1
     del v1["model"]["memory_fusion"]
@@ -247,8 +247,26 @@ def test_configs_written_before_a_default_changed_keep_the_defaults_they_trained
     assert kept.data.augment.copy_paste.p == 0.0 and kept.data.augment.copy_paste.off_epoch == 3
     # A user's file has no schema_version: today's defaults; the command line too.
     path.write_text(yaml.safe_dump({"model": {"size": "s"}}))
+    assert load_config(path).model.memory_fusion is None
+    assert load_config(path, ["model.memory_fusion=dense"]).model.memory_fusion == "dense"
+    # Schema 3 made the fusion's default depend on the size: a version-2 file without the key meant dense.
+    v2 = Config().to_dict()
+    v2["schema_version"] = 2
+    v2["model"].update(size="s")
+    del v2["model"]["memory_fusion"]
+    path.write_text(yaml.safe_dump(v2))
     assert load_config(path).model.memory_fusion == "dense"
-    assert load_config(path, ["model.memory_fusion=none"]).model.memory_fusion == "none"
+
+
+def test_dense_memory_fusion_defaults_by_size_and_a_run_saves_the_choice():
+    from dfineseg.model.dfine import memory_fusion
+
+    cfg = load_config()
+    assert [memory_fusion(load_config(overrides=[f"model.size={size}"]).model) for size in "nsmlx"] == [
+        "dense", "none", "none", "none", "none"]
+    assert memory_fusion(load_config(overrides=["model.size=s", "model.memory_fusion=dense"]).model) == "dense"
+    assert memory_fusion(load_config(overrides=["model.memory_fusion=none"]).model) == "none"
+    assert cfg.model.size == "n" and memory_fusion(cfg.model) == "dense"
 
 
 def test_checkpoint_of_a_version_1_run_rebuilds_its_model(tmp_path):

@@ -174,6 +174,34 @@ def test_int8_is_accuracy_controlled_and_reports_its_f1_change(exported):
     assert f1["judged"] and f1["passed"] and f1["limit"] == report["max_drop"]
 
 
+def test_accuracy_control_is_a_bounded_fallback_that_says_what_it_did(exported, trained_run, tmp_path):  # noqa: F811
+    """A first INT8 model within max_drop is kept without NNCF's ranking; one that misses it goes through
+    accuracy control for at most export.int8_control_seconds, after which the first model is kept and the
+    report says so (a drop of -1 cannot be met; 0 seconds stops at once)."""
+    from dfineseg.data import load_index, read_image
+    from dfineseg.evaluate import ground_truth_from_record
+    from dfineseg.export.int8 import quantize_int8
+    from dfineseg.export.parity_data import ParityData
+
+    paths, _ = exported
+    index = load_index(trained_run.data_yaml, "val")
+    records = index.images[:6]
+    data = ParityData([read_image(r.file) for r in records], [ground_truth_from_record(r, "segment") for r in records],
+                      "val", tuple(trained_run.imgsz), "stretch", "segment", 0.5)
+    fp32 = paths["openvino"] / "model.xml"
+    calib = data.images[:2]
+    kept = quantize_int8(fp32, tmp_path / "kept", calibration_images=calib, data=data, max_drop=1.0, metadata={},
+                         control_seconds=0.0)
+    assert kept.accuracy_controlled and not kept.control_stopped
+    assert "within the max F1 drop" in kept.note
+    stopped = quantize_int8(fp32, tmp_path / "stopped", calibration_images=calib, data=data, max_drop=-1.0,
+                            metadata={}, control_seconds=0.0)
+    assert stopped.control_stopped and "STOPPED" in stopped.note and "NOT reached" in stopped.note
+    assert stopped.int8_f1 == pytest.approx(kept.int8_f1)  # the first INT8 model, the same calibration
+    report = json.loads((tmp_path / "stopped" / "int8_accuracy.json").read_text())
+    assert report["control_stopped"] and (tmp_path / "stopped" / "model.xml").is_file()
+
+
 def test_dynamic_batch_gives_the_same_results_for_b1_and_b3(exported, val_batch):
     import onnxruntime as ort
     import openvino as ov

@@ -39,6 +39,36 @@ def test_dense_fusion_reads_backbone_fpn_and_pan_features_of_each_level():
     assert not any(k.startswith("fusion.") for k in plain.state_dict())  # off: the official keys only
 
 
+def test_finest_level_fusion_in_eval_mode_is_the_three_part_projection():
+    """At the finest level the PAN output is the FPN output: in eval mode the encoder convolves
+    [backbone | map] with the two weight slices summed. It must compute the three-part projection."""
+    fused = _encoder("dense").double()  # float64: the two sums differ only by rounding
+    with torch.no_grad():
+        for block in fused.fusion:  # trained-looking statistics: identity ones would hide a wrong fold
+            block.norm.running_mean.uniform_(-1, 1)
+            block.norm.running_var.uniform_(0.5, 2)
+            block.norm.weight.uniform_(0.5, 1.5)
+    fused.eval()
+    feats = [torch.rand(2, 16, 16, 16), torch.rand(2, 32, 8, 8), torch.rand(2, 64, 4, 4)]
+    feats = [f.double() for f in feats]
+    captured = {}
+
+    def keep(name):
+        return lambda module, args, out: captured.__setitem__(name, out)
+
+    fused.fpn_blocks[-1].register_forward_hook(keep("finest"))
+    fused.input_proj[0].register_forward_hook(keep("backbone"))
+    with torch.no_grad():
+        out = fused(feats)
+        three = torch.cat([captured["backbone"], captured["finest"], captured["finest"]], dim=1)
+        torch.testing.assert_close(out[0], fused.fusion[0](three), atol=1e-10, rtol=1e-10)
+        fused.train()  # training keeps the three-part form (batch statistics)
+        out = fused(feats)
+        three = torch.cat([captured["backbone"], captured["finest"], captured["finest"]], dim=1)
+        torch.testing.assert_close(out[0], fused.fusion[0](three), atol=1e-10, rtol=1e-10)
+    assert fused.fusion[0].conv.weight.shape[1] == 3 * 32  # checkpoints keep the three-part layout
+
+
 def test_dense_fusion_model_trains_and_exports_with_parity(small_data, tmp_path):
     model = _train_and_export(small_data, tmp_path, {"memory_fusion": "dense"})
     assert any(k.startswith("encoder.fusion.") for k in model.state_dict())
@@ -61,7 +91,10 @@ def _train_and_export(small_data, tmp_path, switches: dict):
     trainer = Trainer(cfg)
     best = trainer.fit()
     assert isinstance(trainer.model, DFINESeg)
-    assert all(getattr(config_from_checkpoint(load_checkpoint(best)).model, k) == v for k, v in switches.items())
+    saved = config_from_checkpoint(load_checkpoint(best)).model
+    assert all(getattr(saved, k) == v for k, v in switches.items())
+    # The size-dependent default is resolved when the run starts and saved with it (tiny: dense).
+    assert saved.memory_fusion == switches.get("memory_fusion", "dense")
     export_passes_parity(best, small_data, tmp_path / "export")
     return trainer.model
 

@@ -1,0 +1,70 @@
+"""Exact rewrites the exported graph inherits from eval mode: each RepVGG block as one 3x3 conv, and the
+finest level's dense fusion without its duplicated map (docs/BENCHMARKS.md, "Exact rewrites for the deploy
+graph")."""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnx import numpy_helper
+
+from dfineseg.export.onnx_export import export_onnx
+from dfineseg.model import DFINESeg
+from dfineseg.model.dfine import DeployModel
+from dfineseg.model.encoder import RepVGGBlock
+
+
+def _random_norm_statistics(module: torch.nn.Module, seed: int = 0) -> None:
+    """Trained-looking BatchNorms: identity statistics would hide a wrong fold."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.2)
+
+
+def test_repvgg_block_in_eval_mode_is_its_two_branches_as_one_conv():
+    torch.manual_seed(0)
+    block = RepVGGBlock(8, 8)
+    _random_norm_statistics(block)
+    x = torch.randn(2, 8, 9, 7)
+    block.eval()
+    with torch.no_grad():
+        branches = block.act(block.conv1(x) + block.conv2(x))
+        fused = block(x)
+    torch.testing.assert_close(fused, branches, atol=1e-5, rtol=1e-5)
+    weight, _ = block.fused_kernel()
+    assert weight.shape == (8, 8, 3, 3)
+    # Training keeps the two branches (batch statistics), and their parameters get gradients.
+    block.train()
+    block(x).sum().backward()
+    assert block.conv2.conv.weight.grad is not None and block.conv1.conv.weight.grad is not None
+
+
+def test_exported_graph_has_one_conv_per_repvgg_block_and_a_two_part_finest_fusion(tmp_path):
+    torch.manual_seed(0)
+    model = DFINESeg("tiny", 3, "segment", num_queries=10, memory_fusion="dense")
+    _random_norm_statistics(model)
+    model.eval()
+    path = tmp_path / "m.onnx"
+    # Unsimplified: the folded kernels must be constants of the graph without onnxsim's help.
+    export_onnx(DeployModel(model, topk=10).eval(), path, imgsz=(64, 64), simplify=False)
+    graph = onnx.load(str(path)).graph
+    weights = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert all(n.input[1] in weights for n in convs), [n.name for n in convs if n.input[1] not in weights]
+    blocks = sum(isinstance(m, RepVGGBlock) for m in model.modules())
+    assert blocks > 0
+    in_blocks = [n for n in convs if "/bottlenecks/" in n.name]
+    assert len(in_blocks) == blocks, [n.name for n in in_blocks]
+    assert all(weights[n.input[1]].shape[2:] == (3, 3) for n in in_blocks)
+
+    hidden = model.encoder.hidden_dim
+    levels = len(model.encoder.fusion)
+    shapes = [weights[n.input[1]].shape for n in convs if n.input[1] in weights]
+    assert len(shapes) == len(convs)
+    assert sum(s == (hidden, 3 * hidden, 1, 1) for s in shapes) == levels - 1  # the finest level: 2 parts
+    assert sum(s == (hidden, 2 * hidden, 1, 1) for s in shapes) >= 1
