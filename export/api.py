@@ -73,6 +73,7 @@ class ExportPlan:
     int8_max_iterations: int | None
     int8_control_seconds: float | None
     workspace_gb: float
+    model_size: str | None = None  # the INT8 float-kept set depends on it (export/int8.py float_kept_patterns)
 
 
 def export_folder(weights: Path, e: Any) -> Path:
@@ -111,6 +112,7 @@ def make_plan(weights: str | Path, cfg: Any, opened: ModelFile) -> ExportPlan:
         int8_max_iterations=e.int8_max_iterations,
         int8_control_seconds=e.int8_control_seconds,
         workspace_gb=e.workspace_gb,
+        model_size=getattr(getattr(opened.config, "model", None), "size", None),
     )
 
 

@@ -53,6 +53,18 @@ PRECISION_SENSITIVE = (
     r".*/decoder/lqe_layers.*",  # localisation-quality estimate (top-k of the distribution)
     r".*TopK.*",
 )
+# Kept in float only from S up, by measurement (docs/BENCHMARKS.md, session 12): quantising the box heads and the
+# positional-query MLP cost N nothing on 400 held-out images (drop -0.002 against 0.001 with them in float) and
+# saved it ~0.5 ms of 23 at 640; S lost 0.007 more with them quantised (0.010 in all).
+FLOAT_FROM_S_UP = (r".*/decoder/query_pos_head.*", r".*/decoder/(dec|pre|enc)_bbox_head.*")
+SMALL_SIZES = ("tiny", "n")
+
+
+def float_kept_patterns(size: str | None) -> tuple[str, ...]:
+    """The float-kept patterns for a model size (an unknown size keeps the full set)."""
+    if size in SMALL_SIZES:
+        return tuple(p for p in PRECISION_SENSITIVE if p not in FLOAT_FROM_S_UP)
+    return PRECISION_SENSITIVE
 
 
 @dataclass
@@ -111,6 +123,7 @@ def quantize_int8(
     metadata: dict[str, str],
     max_iterations: int | None = None,
     control_seconds: float | None = None,
+    patterns: Sequence[str] = PRECISION_SENSITIVE,
 ) -> Int8Result:
     """Quantise the FP32 IR at `fp32_xml` into `out_dir/model.xml`. When `data` has ground truth, the INT8
     model's F1 drop is checked against `max_drop`, and only a model that misses it goes through NNCF's
@@ -129,8 +142,8 @@ def quantize_int8(
         return pad_batch(preprocess(chunk, imgsz, resize)[0], step)
 
     calibration = nncf.Dataset(list(chunks(calibration_images, step)), to_input)
-    ignored = sensitive_operations(model)
-    missing = unmatched_patterns([op.get_friendly_name() for op in model.get_ops()])
+    ignored = sensitive_operations(model, patterns)
+    missing = unmatched_patterns([op.get_friendly_name() for op in model.get_ops()], patterns)
     if missing:
         log.warning("INT8: %d float-kept pattern(s) match no operation of %s, so those parts get quantised: %s",
                     len(missing), fp32_xml, ", ".join(missing))
@@ -288,7 +301,7 @@ def build_int8(ctx: ExportContext, artefact: Artefact) -> Built:
     res = quantize_int8(
         fp32_xml, out_dir, calibration_images=ctx.calib, data=ctx.data, max_drop=plan.int8_max_drop,
         metadata=ctx.metadata, max_iterations=plan.int8_max_iterations,
-        control_seconds=plan.int8_control_seconds,
+        control_seconds=plan.int8_control_seconds, patterns=float_kept_patterns(plan.model_size),
     )
     f1_txt = (
         f"F1 float {res.float_f1:.4f} -> INT8 {res.int8_f1:.4f} (drop {res.f1_drop:+.4f}, max {res.max_drop})"

@@ -162,14 +162,22 @@ def test_int8_is_accuracy_controlled_and_reports_its_f1_change(exported):
     assert report["f1_drop"] == pytest.approx(report["float_f1"] - report["int8_f1"])
     assert report["max_drop"] == INT8_TEST_MAX_DROP and report["f1_drop"] <= report["max_drop"] + 1e-9
     assert report["ignored_operations"], "the distribution/box-decoding tail should stay in float"
-    # ... and its results are not re-quantised for a quantised consumer: no 256-level FakeQuantize on decoded
-    # boxes, references or the positional MLP (that cost S 0.020 held-out F1; docs/BENCHMARKS.md).
+    # ... and its results are not re-quantised between float operations: no 256-level FakeQuantize on decoded
+    # boxes or references on their way to the next layer's box arithmetic (that cost S 0.020 held-out F1;
+    # docs/BENCHMARKS.md). The fixture is a small model, whose box heads and positional MLP are quantised
+    # (measured harmless for N, session 12): only the edges into those may carry one.
     import openvino as ov
 
     box_ops = re.compile(r".*/decoder/((Add|Sub|Mul|Div|Sigmoid|Log|MatMul)[^/]*|query_pos_head[^/]*|(dec|pre|enc)_bbox_head[^/]*)/")
+    quantised_consumers = re.compile(r".*/decoder/(query_pos_head|(dec|pre|enc)_bbox_head)[^/]*/")
     ir = ov.Core().read_model(str(paths["openvino_int8"] / "model.xml"))
-    fake = [op.get_friendly_name() for op in ir.get_ops() if op.get_type_name() == "FakeQuantize"]
-    assert fake and not [n for n in fake if box_ops.match(n)], [n for n in fake if box_ops.match(n)]
+    fake = [op for op in ir.get_ops() if op.get_type_name() == "FakeQuantize"]
+    on_box_path = [
+        op.get_friendly_name() for op in fake if box_ops.match(op.get_friendly_name())
+        and not all(quantised_consumers.match(t.get_node().get_friendly_name()) or t.get_node().get_type_name() == "FakeQuantize"
+                    for t in op.output(0).get_target_inputs())
+    ]
+    assert fake and not on_box_path, on_box_path
     f1 = _checks(summary, "openvino_int8")["f1"]
     assert f1["judged"] and f1["passed"] and f1["limit"] == report["max_drop"]
 

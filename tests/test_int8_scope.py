@@ -38,7 +38,18 @@ def test_every_float_kept_pattern_matches_operations_of_an_exported_model(traine
     paths = export_model(path, cfg, say=None)
     xml = paths["openvino"] if str(paths["openvino"]).endswith(".xml") else paths["openvino"] / "model.xml"
     ops = [op.get_friendly_name() for op in ov.Core().read_model(str(xml)).get_ops()]
-    for pattern in PRECISION_SENSITIVE:
+    for pattern in PRECISION_SENSITIVE:  # every size's model has every part, so all patterns must match
         assert any(re.match(pattern, name) for name in ops), f"{pattern} matches no operation of an exported {size}"
     assert unmatched_patterns(ops) == []
     assert unmatched_patterns(["images", "Add_1"]) == list(PRECISION_SENSITIVE)
+
+
+def test_small_models_quantise_their_box_heads_and_larger_ones_keep_them_in_float():
+    from dfineseg.export.int8 import FLOAT_FROM_S_UP, PRECISION_SENSITIVE, float_kept_patterns
+
+    assert set(FLOAT_FROM_S_UP) <= set(PRECISION_SENSITIVE)
+    for size in ("s", "m", "l", "x", None):
+        assert float_kept_patterns(size) == PRECISION_SENSITIVE
+    for size in ("tiny", "n"):
+        kept = float_kept_patterns(size)
+        assert not set(FLOAT_FROM_S_UP) & set(kept) and set(kept) | set(FLOAT_FROM_S_UP) == set(PRECISION_SENSITIVE)
