@@ -112,7 +112,7 @@ def make_plan(weights: str | Path, cfg: Any, opened: ModelFile) -> ExportPlan:
         int8_max_iterations=e.int8_max_iterations,
         int8_control_seconds=e.int8_control_seconds,
         workspace_gb=e.workspace_gb,
-        model_size=getattr(getattr(opened.config, "model", None), "size", None),
+        model_size=opened.config.model.size,
     )
 
 
