@@ -29,12 +29,19 @@ def gather_grid_sample(value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     y0 = torch.floor(y)
     fx = x - x0
     fy = y - y0
+    # Pixel indices in integers: computed in float they are rounded as soon as the graph runs in reduced
+    # precision (the FP16 ONNX for TensorRT, OpenVINO's bf16 default): h*w > 2048 is not exact in fp16, > 256
+    # not in bf16, and a rounded index reads a neighbouring pixel or runs past the map. The corner is first
+    # clamped to just outside the map, so a far-off sample cannot overflow the cast; its pixels then stay
+    # outside and get zero weight, as they would have unclamped.
+    x0i = x0.clamp(-2, w + 1).to(torch.int32)
+    y0i = y0.clamp(-2, h + 1).to(torch.int32)
     flat = value.reshape(n, c, h * w)
     out = value.new_zeros((n, c, ho * wo))
     for dy, wy in ((0, 1 - fy), (1, fy)):
         for dx, wx in ((0, 1 - fx), (1, fx)):
-            xi = x0 + dx
-            yi = y0 + dy
+            xi = x0i + dx
+            yi = y0i + dy
             inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
             # Out-of-range corners read pixel 0 and are then weighted by zero (zeros padding).
             idx = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).to(torch.int64).reshape(n, 1, ho * wo)

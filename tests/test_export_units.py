@@ -7,6 +7,8 @@ import importlib.util
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,6 +85,37 @@ def test_gather_sampler_equals_grid_sample_in_torch_and_onnxruntime(tmp_path):
     assert np.abs(native - gathered).max() <= 1e-5
     assert np.abs(gathered - reference.numpy()).max() <= 1e-5
     assert F.grid_sample is not None and F.grid_sample.__name__ == "grid_sample"  # restored after the block
+
+
+class GatherElements(OpRun):
+    """ONNX's reference GatherElements is np.choose, limited to 64 entries along the axis; same maths, any size."""
+
+    def _run(self, data, indices, axis=0):
+        return (np.take_along_axis(data, indices.astype(np.int64) % data.shape[axis], axis=axis),)
+
+
+def test_gather_sampler_reads_the_right_pixel_of_a_large_map_in_fp16(tmp_path):
+    """A stride-8 map at 640 has 6,400 pixels: a flat index computed in fp16 (spacing 4 above 4096) reads a
+    neighbour. The FP16 ONNX (TensorRT's input) must sample the same pixels as float32."""
+    g = torch.Generator().manual_seed(0)
+    h, w = 128, 64  # powers of two: every pixel centre below is exact in fp16, so only the index can go wrong
+    value = torch.randn(1, 2, h, w, generator=g)  # unstructured: a neighbour's value is unrelated
+    # Pixel centres in the far part of the map (flat index > 6,400), where fp16 cannot hold every integer.
+    ys = torch.randint(100, h, (1, 16, 1), generator=g).float()
+    xs = torch.randint(0, w, (1, 16, 1), generator=g).float()
+    grid = torch.stack([(2 * xs + 1) / w - 1, (2 * ys + 1) / h - 1], -1)  # [1, 16, 1, 2]
+    reference = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    path = tmp_path / "sampler.onnx"
+    with use_gather_sampler(), torch.no_grad():
+        torch.onnx.export(Sampler(), (value, grid), str(path), dynamo=False, opset_version=19,
+                          input_names=["value", "grid"], output_names=["out"])
+    half = tmp_path / "sampler_fp16.onnx"
+    onnx.save(convert_to_fp16(onnx.load(str(path))), str(half))
+    # ONNX Runtime's CPU kernels upcast fp16 arithmetic to float32 between casts, which hides the rounding a
+    # GPU runtime does; ONNX's reference evaluator computes every fp16 node in fp16, as TensorRT does.
+    out, = ReferenceEvaluator(onnx.load(str(half)), new_ops=[GatherElements]).run(None, {"value": value.numpy(), "grid": grid.numpy()})
+    # fp16 rounding of the values themselves is ~1e-3; a wrong pixel is off by O(1).
+    assert np.abs(out.astype(np.float32) - reference.numpy()).max() <= 1e-2
 
 
 def test_gather_sampler_reaches_the_model_decoder(monkeypatch):
