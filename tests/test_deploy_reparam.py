@@ -12,6 +12,7 @@ from dfineseg.export.onnx_export import export_onnx
 from dfineseg.model import DFINESeg
 from dfineseg.model.dfine import DeployModel
 from dfineseg.model.encoder import RepVGGBlock
+from dfineseg.model.hgnetv2 import StemBlock
 
 
 def _random_norm_statistics(module: torch.nn.Module, seed: int = 0) -> None:
@@ -68,3 +69,30 @@ def test_exported_graph_has_one_conv_per_repvgg_block_and_a_two_part_finest_fusi
     assert len(shapes) == len(convs)
     assert sum(s == (hidden, 3 * hidden, 1, 1) for s in shapes) == levels - 1  # the finest level: 2 parts
     assert sum(s == (hidden, 2 * hidden, 1, 1) for s in shapes) >= 1
+
+
+def test_stem_in_eval_mode_convolves_its_two_parts_without_the_concat(tmp_path):
+    torch.manual_seed(0)
+    stem = StemBlock(3, 16, 16, use_lab=True)
+    _random_norm_statistics(stem)
+    stem.eval()
+    x = torch.randn(2, 3, 33, 30)
+    with torch.no_grad():
+        y = torch.nn.functional.pad(stem.stem1(x), (0, 1, 0, 1))
+        branch = stem.stem2b(torch.nn.functional.pad(stem.stem2a(y), (0, 1, 0, 1)))
+        concat = stem.stem4(stem.stem3(torch.cat([stem.pool(y), branch], 1)))
+        torch.testing.assert_close(stem(x), concat, atol=1e-5, rtol=1e-5)
+    path = tmp_path / "stem.onnx"
+    torch.onnx.export(stem, (x,), str(path), dynamo=False, opset_version=19)
+    graph = onnx.load(str(path)).graph
+    made_by = {out: n.op_type for n in graph.node for out in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    # stem3 as two convolutions over the pooled map and the conv branch, summed; no conv reads a concat (the
+    # graph's other Concat nodes only build F.pad's pad list).
+    assert len(convs) == 6 and not [n.name for n in convs if made_by.get(n.input[0]) == "Concat"]
+    weights = {init.name for init in graph.initializer}
+    assert all(n.input[1] in weights for n in convs)  # the kernel slices are constants
+    # Training keeps the concat form, and every weight slice gets its gradient through it.
+    stem.train()
+    stem(x).sum().backward()
+    assert stem.stem3.conv.weight.grad is not None and stem.stem3.conv.weight.grad[:, :16].abs().sum() > 0

@@ -7,6 +7,7 @@ Module and attribute names follow the official D-FINE layout so checkpoints load
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,20 @@ class ConvBNAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lab(self.act(self.bn(self.conv(x))))
 
+    def forward_parts(self, parts: Sequence[torch.Tensor], widths: Sequence[int]) -> torch.Tensor:
+        """This block on the channel concat of `parts` (`widths` channels each, plain ints so that an exported
+        graph slices its kernel into constants), without building the concat: a convolution of a concat is the
+        sum of each part's convolution with its slice of the input channels (groups=1 only)."""
+        if self.conv.groups != 1 or sum(widths) != self.conv.in_channels or len(widths) != len(parts):
+            raise ValueError(f"forward_parts: {len(parts)} parts of widths {list(widths)} for an ungrouped "
+                             f"convolution of {self.conv.in_channels} input channels")
+        out, start = None, 0
+        for part, width in zip(parts, widths, strict=True):
+            # A slice with int bounds (not split) is what the ONNX exporter folds into a constant kernel.
+            y = F.conv2d(part, self.conv.weight[:, start:start + width], None, self.conv.stride, self.conv.padding)
+            out, start = (y if out is None else out + y), start + width
+        return self.lab(self.act(self.bn(out)))
+
 
 class LightConvBNAct(nn.Module):
     """Pointwise projection without activation, then a depthwise kxk with activation."""
@@ -127,12 +142,18 @@ class StemBlock(nn.Module):
         self.stem3 = ConvBNAct(mid * 2, mid, 3, 2, use_lab=use_lab)
         self.stem4 = ConvBNAct(mid, cout, 1, 1, use_lab=use_lab)
         self.pool = nn.MaxPool2d(kernel_size=2, stride=1, ceil_mode=True)
+        self.mid = mid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(self.stem1(x), (0, 1, 0, 1))
         branch = self.stem2b(F.pad(self.stem2a(x), (0, 1, 0, 1)))
-        x = torch.cat([self.pool(x), branch], dim=1)
-        return self.stem4(self.stem3(x))
+        pooled = self.pool(x)
+        if self.training:
+            return self.stem4(self.stem3(torch.cat([pooled, branch], dim=1)))
+        # Deployed (eval mode, so every export inherits it): the same sum without the concat, which OpenVINO
+        # copies on its reference INT8 kernel at stride 2 (~0.3 ms of N's 23 at 640; docs/BENCHMARKS.md,
+        # session 13). Training keeps the concat: a different summation order trains to different weights.
+        return self.stem4(self.stem3.forward_parts([pooled, branch], (self.mid, self.mid)))
 
 
 class HGBlock(nn.Module):
