@@ -20,7 +20,7 @@ PRECISIONS = ("fp32", "amp-bf16", "amp-fp16")  # training: no AMP, bf16 autocast
 
 # The configuration schema's defaults, hard-coded because `dfineseg.config` needs pydantic, which the GPU
 # image lacks. tests/test_gpu_check.py asserts each equals `dfineseg.config.Config()`'s value.
-MASK_HEAD_DEFAULTS: dict[str, Any] = {"fpn_channels": 64, "mask_channels": 64, "embed_layers": 3, "depthwise": True,
+MASK_HEAD_DEFAULTS: dict[str, Any] = {"fpn_channels": None, "mask_channels": None, "embed_layers": 3, "depthwise": True,
                                       "norm": "bn"}
 MODEL_DEFAULTS: dict[str, Any] = {"task": "segment", "num_queries": 300, "num_denoising": 100,
                                   "freeze_backbone": False}

@@ -36,7 +36,8 @@ from dfineseg.overrides import ConfigError, deep_merge, load_yaml_with_bases, pa
 # "Seed techniques"); configs written as version 1 keep version 1's defaults for the keys they lack (`migrate_config`).
 # 3: model.memory_fusion defaults by size (dense for tiny/n, none for s and larger: BENCHMARKS, "The dense memory
 # fusion by size").
-SCHEMA_VERSION = 3
+# 4: the mask head's widths default by size (32 for n, 64 otherwise: BENCHMARKS, "The mask head's width at N").
+SCHEMA_VERSION = 4
 
 ModelSize = Literal["tiny", "n", "s", "m", "l", "x"]
 
@@ -175,8 +176,10 @@ class DataConfig(Section):
 
 # ---------------------------------------------------------------- model
 class MaskHeadConfig(Section):
-    fpn_channels: int = Field(64, ge=8, description="width of the stride-8 fusion (paper: 256)")
-    mask_channels: int = Field(64, ge=8, description="width of the 1/4-resolution features (paper: 256)")
+    fpn_channels: int | None = Field(None, ge=8, description="width of the stride-8 fusion (paper: 256); default: "
+                                     "32 for size n, 64 otherwise, resolved and saved when a run starts")
+    mask_channels: int | None = Field(None, ge=8, description="width of the 1/4-resolution features (paper: 256); "
+                                      "default: 32 for size n, 64 otherwise, resolved and saved when a run starts")
     embed_layers: int = Field(3, ge=1)
     depthwise: bool = Field(True, description="1/4-resolution block as depthwise 3x3 + 1x1 (False: full 3x3, paper)")
     norm: Literal["bn", "gn"] = Field("bn", description="bn folds into the convs at deployment; gn is the paper's")
@@ -428,6 +431,7 @@ BENCH_ALIASES = {
 CHANGED_DEFAULTS: dict[int, dict[str, Any]] = {
     2: {"model.memory_fusion": "none", "data.augment.copy_paste.p": 0.0},
     3: {"model.memory_fusion": "dense"},
+    4: {"model.mask_head.fpn_channels": 64, "model.mask_head.mask_channels": 64},
 }
 
 

@@ -256,6 +256,13 @@ def test_configs_written_before_a_default_changed_keep_the_defaults_they_trained
     del v2["model"]["memory_fusion"]
     path.write_text(yaml.safe_dump(v2))
     assert load_config(path).model.memory_fusion == "dense"
+    # Schema 4 made the mask head's widths depend on the size: a version-3 N file without them meant 64.
+    v3 = Config().to_dict()
+    v3["schema_version"] = 3
+    del v3["model"]["mask_head"]["fpn_channels"], v3["model"]["mask_head"]["mask_channels"]
+    path.write_text(yaml.safe_dump(v3))
+    old_head = load_config(path).model.mask_head
+    assert v3["model"]["size"] == "n" and (old_head.fpn_channels, old_head.mask_channels) == (64, 64)
 
 
 def test_dense_memory_fusion_defaults_by_size_and_a_run_saves_the_choice():
@@ -267,6 +274,16 @@ def test_dense_memory_fusion_defaults_by_size_and_a_run_saves_the_choice():
     assert memory_fusion(load_config(overrides=["model.size=s", "model.memory_fusion=dense"]).model) == "dense"
     assert memory_fusion(load_config(overrides=["model.memory_fusion=none"]).model) == "none"
     assert cfg.model.size == "n" and memory_fusion(cfg.model) == "dense"
+
+
+def test_mask_head_widths_default_by_size():
+    from dfineseg.model.dfine import build_model, mask_head_widths
+
+    assert [mask_head_widths(load_config(overrides=[f"model.size={size}"]).model) for size in ("tiny", *"nsmlx")] == [
+        (64, 64), (32, 32), (64, 64), (64, 64), (64, 64), (64, 64)]
+    assert mask_head_widths(load_config(overrides=["model.mask_head.fpn_channels=64"]).model) == (64, 32)
+    head = build_model(load_config().model, 3).mask_head  # N by default
+    assert head.fuse.conv.out_channels == 32 and head.mask_channels == 32
 
 
 def test_checkpoint_of_a_version_1_run_rebuilds_its_model(tmp_path):

@@ -7,11 +7,11 @@ import importlib.util
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 import pytest
 import torch
 import torch.nn.functional as F
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 from torch import nn
 
 from dfineseg.export.errors import ExportBackendUnavailable, ExportError

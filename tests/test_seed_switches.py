@@ -95,6 +95,7 @@ def _train_and_export(small_data, tmp_path, switches: dict):
     assert all(getattr(saved, k) == v for k, v in switches.items())
     # The size-dependent default is resolved when the run starts and saved with it (tiny: dense).
     assert saved.memory_fusion == switches.get("memory_fusion", "dense")
+    assert (saved.mask_head.fpn_channels, saved.mask_head.mask_channels) == (64, 64)  # tiny keeps 64
     export_passes_parity(best, small_data, tmp_path / "export")
     return trainer.model
 

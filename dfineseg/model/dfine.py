@@ -204,9 +204,10 @@ def build_model(model_cfg: Any, num_classes: int) -> DFINESeg:
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     mh = model_cfg.mask_head
+    fpn_channels, mask_channels = mask_head_widths(model_cfg)
     model = DFINESeg(
         model_cfg.size, num_classes, model_cfg.task, num_queries=model_cfg.num_queries,
-        num_denoising=model_cfg.num_denoising, fpn_channels=mh.fpn_channels, mask_channels=mh.mask_channels,
+        num_denoising=model_cfg.num_denoising, fpn_channels=fpn_channels, mask_channels=mask_channels,
         embed_layers=mh.embed_layers, depthwise_mask=mh.depthwise, mask_norm=mh.norm,
         backbone=getattr(model_cfg, "backbone", "hgnetv2"), lora_rank=lora_rank(model_cfg),
         lora_targets=tuple(model_cfg.lora.targets) if hasattr(model_cfg, "lora") else ("qkv", "proj"),
@@ -231,6 +232,21 @@ def memory_fusion(model_cfg: Any) -> str:
     if value is None:
         return "dense" if model_cfg.size in DENSE_FUSION_SIZES else "none"
     return value
+
+
+# Sizes whose mask head defaults to 32 channels (fusion and 1/4-resolution features) instead of 64: at N it cut
+# INT8 latency at 640 by ~5 % (the mask head is ~10 % of N) for a held-out mask F1 change within seed noise
+# (two seeds: float -0.006, INT8 +0.001): docs/BENCHMARKS.md, "The mask head's width at N". Not measured for tiny
+# (the tests' size) or S and larger, which keep 64.
+NARROW_MASK_HEAD_SIZES = ("n",)
+
+
+def mask_head_widths(model_cfg: Any) -> tuple[int, int]:
+    """`model.mask_head` (fpn_channels, mask_channels), a default (None) resolved by the model size."""
+    default = 32 if model_cfg.size in NARROW_MASK_HEAD_SIZES else 64
+    mh = model_cfg.mask_head
+    return (default if mh.fpn_channels is None else mh.fpn_channels,
+            default if mh.mask_channels is None else mh.mask_channels)
 
 
 def lora_rank(model_cfg: Any) -> int:
