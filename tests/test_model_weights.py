@@ -175,3 +175,14 @@ def test_backbone_only_file_leaves_the_fusion_at_its_own_initialisation(tmp_path
     assert load_weights(model, path).kind == "backbone"
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in fresh.items())  # as trained from scratch (what was measured)
+
+
+def test_checkpoint_with_another_mask_head_width_names_the_width_settings(tmp_path: Path):
+    # N's default mask head went from 64 to 32 channels (config schema 4): starting a new run from an older N
+    # checkpoint must say which settings load it, not blame the model size.
+    wide = DFINESeg("tiny", 3, "segment", fpn_channels=64, mask_channels=64)
+    path = tmp_path / "wide.pt"
+    torch.save({"schema_version": 3, "config": {}, "names": ["a", "b", "c"], "model": wide.state_dict()}, path)
+    with pytest.raises(WeightsError, match=r"mask head has another width.*model\.mask_head\.fpn_channels"):
+        load_weights(DFINESeg("tiny", 3, "segment", fpn_channels=32, mask_channels=32), path)
+    assert load_weights(DFINESeg("tiny", 3, "segment", fpn_channels=64, mask_channels=64), path).kind == "dfineseg"

@@ -133,6 +133,12 @@ def _merge(model_state: dict[str, torch.Tensor], file_state: dict[str, torch.Ten
             if key in class_keys:
                 reinit.append(key)
                 continue
+            if key.startswith("mask_head."):
+                raise WeightsError(
+                    f"{path}: the file's mask head has another width: '{fkey}' is {tuple(theirs.shape)}, this model's "
+                    f"{tuple(ours.shape)}. Set model.mask_head.fpn_channels and model.mask_head.mask_channels to the "
+                    f"file's (its run's config.yaml lists them; size n defaults to 32 since config schema 4, 64 before)."
+                )
             raise WeightsError(
                 f"{path}: shape mismatch at '{fkey}': expected {tuple(ours.shape)}, found {tuple(theirs.shape)}; "
                 f"{hint}. Use weights of the same model size (model.size)."
