@@ -249,6 +249,13 @@ def mask_head_widths(model_cfg: Any) -> tuple[int, int]:
             default if mh.mask_channels is None else mh.mask_channels)
 
 
+def resolve_size_defaults(model_cfg: Any) -> None:
+    """Write the size-dependent defaults (None in the schema) into `model_cfg`, so a run saves what it built and
+    its checkpoint rebuilds the same model whatever the defaults become."""
+    model_cfg.memory_fusion = memory_fusion(model_cfg)
+    model_cfg.mask_head.fpn_channels, model_cfg.mask_head.mask_channels = mask_head_widths(model_cfg)
+
+
 def lora_rank(model_cfg: Any) -> int:
     """LoRA on a DINOv2 backbone only when it starts from pretrained weights (adapting random weights
     through a low-rank update while freezing them would be pointless)."""

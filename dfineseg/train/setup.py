@@ -114,7 +114,7 @@ class RunSetup:
     def _build_model(self) -> None:
         """The model (fresh, or from the configured starting weights unless resuming) and the criterion."""
         from dfineseg.loss.criterion import build_criterion
-        from dfineseg.model.dfine import build_model, mask_head_widths, memory_fusion
+        from dfineseg.model.dfine import build_model, resolve_size_defaults
 
         cfg = self.cfg
         num_classes = len(self.names)
@@ -122,10 +122,7 @@ class RunSetup:
         if dinov2 and cfg.model.lora.enabled is None:
             # Resolved once and saved with the run: a checkpoint rebuilds the same model without the weights file.
             cfg.model.lora.enabled = bool(cfg.model.backbone_weights)
-        if cfg.model.memory_fusion is None:  # saved with the run, like lora.enabled: its default depends on the size
-            cfg.model.memory_fusion = memory_fusion(cfg.model)
-        # Saved with the run for the same reason (their default depends on the size too).
-        cfg.model.mask_head.fpn_channels, cfg.model.mask_head.mask_channels = mask_head_widths(cfg.model)
+        resolve_size_defaults(cfg.model)  # saved with the run, like lora.enabled
         model = build_model(cfg.model, num_classes)
         if self.resume_ckpt is None:
             if cfg.model.backbone_weights and dinov2:
