@@ -90,6 +90,39 @@ def test_openvino_throughput_hint_and_async_stream_keep_order(standin_files):
             np.testing.assert_array_equal(out[name], sync[name])
 
 
+def test_openvino_stream_runs_no_python_on_openvino_threads_and_stops_cleanly(standin_files, monkeypatch):
+    """A Python completion callback on OpenVINO's stream thread deadlocked CI: destroying the compiled model
+    (holding the GIL) joined a thread that waited for the GIL. Results must be read on the caller's thread;
+    a stream left early or broken by a bad batch must leave the backend usable and close without hanging."""
+    import threading
+
+    from dfineseg.infer.backends.openvino import OpenVinoBackend
+    from dfineseg.infer.preprocess import preprocess
+
+    readers = []
+    collect = OpenVinoBackend._collect
+
+    def recording_collect(self, request):
+        readers.append(threading.get_ident())
+        return collect(self, request)
+
+    monkeypatch.setattr(OpenVinoBackend, "_collect", recording_collect)
+    be = load_backend(standin_files.openvino, precision="f32", num_requests=2)
+    batches = [preprocess([img], IMGSZ)[0] for img in IMAGES]
+    assert len(list(be.forward_stream((b, i) for i, b in enumerate(batches)))) == len(batches)
+    assert readers and set(readers) == {threading.get_ident()}
+
+    stream = be.forward_stream((b, i) for i, b in enumerate(batches))
+    assert next(stream)[1] == 0
+    stream.close()  # the caller stops early: the queued inferences are waited for, nothing leaks
+    wrong = np.zeros((1, 3, IMGSZ[0] + 1, IMGSZ[1]), np.float32)
+    with pytest.raises(PredictorError, match="input batch has shape"):
+        list(be.forward_stream([(batches[0], 0), (batches[1], 1), (wrong, 2)]))
+    np.testing.assert_array_equal(be.forward(batches[0])["boxes"],
+                                  next(be.forward_stream([(batches[0], 0)]))[0]["boxes"])
+    be.close()
+
+
 def test_dynamic_batch_equals_one_by_one(standin_files):
     predictor = Predictor.load(standin_files.onnx, batch_size=3)
     assert predictor.chunk_size(len(IMAGES)) == 3

@@ -9,6 +9,7 @@ CPUs) is silently replaced by f32.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -215,37 +216,40 @@ class OpenVinoBackend(Backend):
         return self._collect(self._request)
 
     def forward_stream(self, batches: Iterable[tuple[np.ndarray, Any]]) -> Iterator[tuple[dict[str, np.ndarray], Any]]:
-        """Up to `num_requests` inferences in flight (AsyncInferQueue); results come back in input order."""
-        queue = self._ov.AsyncInferQueue(self.compiled, self.num_requests)
-        done: dict[int, dict[str, np.ndarray]] = {}
-        failures: list[BaseException] = []
-        contexts: dict[int, Any] = {}
+        """Up to `num_requests` inferences in flight; results come back in input order.
 
-        def on_done(request: Any, index: int) -> None:
-            try:
-                done[index] = self._collect(request)
-            except BaseException as exc:  # re-raised in the consumer thread below
-                failures.append(exc)
-
-        queue.set_callback(on_done)
-        next_out = 0
+        Plain infer requests, each waited for in turn (`wait()` releases the GIL), and no completion
+        callback: OpenVINO runs a Python callback (AsyncInferQueue's) on its own stream thread, which must
+        take the GIL. When the last callback was still waiting for it as the compiled model was destroyed
+        (the destructor holds the GIL and joins that thread), the process hung forever: seen in CI and
+        reproduced here (gdb: CPUStreamsExecutor's destructor joining a thread blocked in take_gil). With
+        no Python code on OpenVINO's threads that wait cannot arise."""
+        idle = [self.compiled.create_infer_request() for _ in range(self.num_requests)]
+        in_flight: deque[tuple[Any, Any]] = deque()  # (request, context), oldest first
         try:
-            for index, (batch, ctx) in enumerate(batches):
-                contexts[index] = ctx
-                queue.start_async({0: self._check_batch(batch)}, userdata=index)
-                while next_out in done:
-                    yield done.pop(next_out), contexts.pop(next_out)
-                    next_out += 1
-                if failures:
-                    raise failures[0]
-            queue.wait_all()
-            if failures:
-                raise failures[0]
-            while next_out in done:
-                yield done.pop(next_out), contexts.pop(next_out)
-                next_out += 1
+            for batch, ctx in batches:
+                batch = self._check_batch(batch)
+                if idle:
+                    request = idle.pop()
+                    request.start_async({0: batch})
+                    in_flight.append((request, ctx))
+                    continue
+                # every request is busy: take the oldest result, reuse its request for this batch at once
+                # (so the runtime computes while the caller post-processes), then hand the result out
+                request, done_ctx = in_flight.popleft()
+                request.wait()
+                outputs = self._collect(request)
+                request.start_async({0: batch})
+                in_flight.append((request, ctx))
+                yield outputs, done_ctx
+            while in_flight:
+                request, done_ctx = in_flight.popleft()
+                request.wait()
+                yield self._collect(request), done_ctx
         finally:
-            queue.wait_all()
+            # the caller stopped early or an error is on its way: let the queued inferences end first
+            for request, _ in in_flight:
+                request.wait()
 
     def close(self) -> None:
         self._request = None
