@@ -326,6 +326,10 @@ class ExportConfig(Section):
     parity: bool = True
     parity_images: int = Field(8, ge=1)
     int8_max_drop: float = Field(0.01, ge=0.0)
+    int8_drop_confidence: float = Field(
+        0.95, ge=0.5, lt=1.0, description="INT8's F1 drop fails its check only when it exceeds int8_max_drop "
+        "with this one-sided confidence, given how much the drop moves with which validation images were drawn "
+        "(paired bootstrap over the images); 0.5 judges the measured drop as it is")
     int8_calib_size: int = Field(100, ge=1)
     int8_max_iterations: int | None = Field(None, ge=0, description="accuracy control: most layers reverted to float (None: NNCF's default, no limit)")
     int8_control_seconds: float | None = Field(

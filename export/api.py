@@ -70,6 +70,7 @@ class ExportPlan:
     category_ids: list[int]
     info: ModelInfo  # the settings above as the metadata every artefact carries
     int8_max_drop: float
+    int8_drop_confidence: float
     int8_max_iterations: int | None
     int8_control_seconds: float | None
     workspace_gb: float
@@ -109,6 +110,7 @@ def make_plan(weights: str | Path, cfg: Any, opened: ModelFile) -> ExportPlan:
         category_ids=info.category_ids,
         info=info,
         int8_max_drop=e.int8_max_drop,
+        int8_drop_confidence=e.int8_drop_confidence,
         int8_max_iterations=e.int8_max_iterations,
         int8_control_seconds=e.int8_control_seconds,
         workspace_gb=e.workspace_gb,
@@ -302,7 +304,7 @@ def _export_all(ctx: ExportContext, cfg: Any, opened: ModelFile) -> None:
     for key in run.keys:
         artefact = ARTEFACTS[key]
         built = artefact.make(ctx)
-        _check(ctx, built, tolerance_for(artefact.tolerance, plan.int8_max_drop))
+        _check(ctx, built, tolerance_for(artefact.tolerance, plan.int8_max_drop, plan.int8_drop_confidence))
         try:
             # Promoted over the older one, or kept aside as failed (and ParityError raised).
             ctx.made[key] = run.settle(built.record)
@@ -319,6 +321,9 @@ def _check(ctx: ExportContext, built: Built, tol: Tolerance) -> None:
         return
     assert ctx.data is not None and ctx.reference is not None
     rec = built.record
+    # A runtime with a precision choice (OpenVINO) is checked at a pinned precision; users run its default too.
+    default_options = {k: v for k, v in built.options.items() if k != "precision"}
+    open_default = (lambda: open_backend(built.opens, **default_options)) if "precision" in built.options else None
     rec.parity = run_parity(rec.path, rec.precision, forward, fixed_batch, ctx.data, ctx.reference, tol, built.twin,
-                            runtime, raise_on_failure=False)
+                            runtime, raise_on_failure=False, open_device_default=open_default)
     ctx.say(f"  parity {rec.key}: " + ", ".join(c.brief() for c in rec.parity.checks))

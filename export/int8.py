@@ -30,7 +30,8 @@ from dfineseg.export.context import Built, ExportContext
 from dfineseg.export.errors import ExportBackendUnavailable, ExportError
 from dfineseg.export.meta import write_openvino_metadata
 from dfineseg.export.openvino_export import PARITY_PRECISION_HINT, compiled_forward, import_openvino
-from dfineseg.export.parity_data import ParityData, detections_for, f1_of
+from dfineseg.export.parity_checks import DropLimit, drop_limit
+from dfineseg.export.parity_data import ParityData, detections_for, f1_of, image_counts
 from dfineseg.export.publish import ArtefactRecord, artefact_size
 from dfineseg.infer.batching import chunks, pad_batch
 from dfineseg.infer.preprocess import preprocess
@@ -78,6 +79,11 @@ class Int8Result:
     max_drop: float
     calibration_images: int
     validation_images: int
+    # the limit the drop was judged by: max_drop + z x its sampling error over the validation images
+    # (export.int8_drop_confidence; `parity_checks.drop_limit`), and that error
+    drop_limit: float | None = None
+    drop_se: float | None = None
+    drop_confidence: float | None = None
     ignored_operations: list[str] = field(default_factory=list)
     precision_hint: str = PARITY_PRECISION_HINT
     seconds: float = 0.0
@@ -124,9 +130,11 @@ def quantize_int8(
     max_iterations: int | None = None,
     control_seconds: float | None = None,
     patterns: Sequence[str] = PRECISION_SENSITIVE,
+    drop_confidence: float | None = None,
 ) -> Int8Result:
     """Quantise the FP32 IR at `fp32_xml` into `out_dir/model.xml`. When `data` has ground truth, the INT8
-    model's F1 drop is checked against `max_drop`, and only a model that misses it goes through NNCF's
+    model's F1 drop is checked against `max_drop` widened by its sampling noise at one-sided `drop_confidence`
+    (None: the measured drop against `max_drop` as it is), and only a model that misses it goes through NNCF's
     accuracy control, for at most `control_seconds` (None: no limit)."""
     ov = import_openvino()
     nncf = import_nncf()
@@ -152,11 +160,11 @@ def quantize_int8(
     # int8_accuracy.json (`ignored_operations`), so only its warnings are shown.
     nncf.set_log_level(logging.WARNING)
 
-    float_f1 = None
+    float_f1 = float_counts = None
     controlled = data.ground_truth is not None
     note = ""
     if controlled:
-        float_f1 = _f1_of_model(model, data)
+        float_f1, float_counts = _f1_of_model(model, data)
         if float_f1 <= 0.0:
             controlled = False
             note = (
@@ -171,22 +179,29 @@ def quantize_int8(
                                   ignored_scope=ignored_scope)
     except Exception as exc:
         raise ExportError(f"{fp32_xml}: NNCF INT8 quantisation failed: {type(exc).__name__}: {exc}") from exc
-    int8_f1 = _f1_of_model(quantized, data) if data.ground_truth is not None else None
+    int8_f1, int8_counts = _f1_of_model(quantized, data) if data.ground_truth is not None else (None, None)
+
+    def judged() -> DropLimit:
+        assert float_counts is not None and int8_counts is not None
+        return drop_limit(max_drop, 0.5 if drop_confidence is None else drop_confidence, float_counts, int8_counts)
+
     stopped = False
+    limit: DropLimit | None = None
     if controlled:
         assert float_f1 is not None and int8_f1 is not None
-        if float_f1 - int8_f1 <= max_drop:
+        limit = judged()
+        if float_f1 - int8_f1 <= limit.limit:
             note = (f"accuracy checked on {len(data.images)} validation images: the first INT8 model is within "
-                    f"the max F1 drop {max_drop}")
+                    f"the max F1 drop ({limit.describe()})")
         else:
             # The fallback: NNCF ranks the quantised operations by reverting each alone and keeps the fewest
-            # in float that meet max_drop. That costs a validation per operation (minutes for N, more than
-            # 20 for S at 640), so it is bounded by `control_seconds`; at the bound the first INT8 model is
-            # kept and the report says so.
-            first_drop = float_f1 - int8_f1
+            # in float that bring the drop within the limit judged here (the first model's noise allowance
+            # included). That costs a validation per operation (minutes for N, more than 20 for S at 640), so
+            # it is bounded by `control_seconds`; at the bound the first INT8 model is kept and the report says so.
+            first_drop, target = float_f1 - int8_f1, limit.limit
             restored, spent = _accuracy_control(
-                nncf, model, calibration, data, step, to_input, max_drop, len(calibration_images), ignored_scope,
-                max_iterations, control_seconds, fp32_xml)
+                nncf, model, calibration, data, step, to_input, target, len(calibration_images),
+                ignored_scope, max_iterations, control_seconds, fp32_xml)
             if restored is None:
                 stopped = True
                 note = (f"accuracy control STOPPED after {spent:.0f} s (export.int8_control_seconds="
@@ -194,14 +209,16 @@ def quantize_int8(
                         f"{len(data.images)} validation images")
             else:
                 quantized = restored
-                int8_f1 = _f1_of_model(quantized, data)
+                int8_f1, int8_counts = _f1_of_model(quantized, data)
+                limit = judged()
                 note = (f"accuracy controlled by NNCF on {len(data.images)} validation images (max F1 drop "
-                        f"{max_drop}): the first INT8 model dropped {first_drop:.4f}, NNCF reverted operations "
-                        f"to float in {spent:.0f} s")
+                        f"{max_drop}, with the noise allowance {target:.4f}): the first INT8 model "
+                        f"dropped {first_drop:.4f}, NNCF reverted operations to float in {spent:.0f} s")
 
-    if controlled and float_f1 is not None and int8_f1 is not None and float_f1 - int8_f1 > max_drop:
+    if controlled and limit is not None and float_f1 is not None and int8_f1 is not None \
+            and float_f1 - int8_f1 > limit.limit:
         note += (
-            f"; the target was NOT reached: F1 drop {float_f1 - int8_f1:.4f} "
+            f"; the target was NOT reached: F1 drop {float_f1 - int8_f1:.4f} ({limit.describe()}) "
             "(allow more with export.int8_control_seconds or export.int8_max_iterations, or a larger "
             "export.int8_max_drop)"
         )
@@ -219,6 +236,9 @@ def quantize_int8(
         max_drop=max_drop,
         calibration_images=len(calibration_images),
         validation_images=len(data.images) if data.ground_truth is not None else 0,
+        drop_limit=limit.limit if limit is not None else None,
+        drop_se=limit.se if limit is not None else None,
+        drop_confidence=limit.confidence if limit is not None else None,
         ignored_operations=ignored,
         seconds=time.perf_counter() - t0,
         control_stopped=stopped,
@@ -279,13 +299,15 @@ def _f1(dets: Sequence[Any], gts: Sequence[Any], data: ParityData) -> float:
     return float(paper_metrics(list(dets), list(gts), data.task, conf=data.conf, iou_thr=data.iou_thr)["f1"])
 
 
-def _f1_of_model(model: Any, data: ParityData) -> float:
+def _f1_of_model(model: Any, data: ParityData) -> tuple[float, np.ndarray | None]:
+    """The model's F1 on the validation images and each image's tp, fp, fn (for the drop's sampling error)."""
     from dfineseg.export.openvino_export import compile_openvino
 
     compiled = compile_openvino(model, PARITY_PRECISION_HINT)
     fixed = _static_batch(model)
-    f1 = f1_of(detections_for(compiled_forward(compiled), data, fixed), data)
-    return float(f1["f1"]) if f1 else 0.0
+    dets = detections_for(compiled_forward(compiled), data, fixed)
+    f1 = f1_of(dets, data)
+    return (float(f1["f1"]) if f1 else 0.0), image_counts(dets, data)
 
 
 def build_int8(ctx: ExportContext, artefact: Artefact) -> Built:
@@ -295,16 +317,20 @@ def build_int8(ctx: ExportContext, artefact: Artefact) -> Built:
     assert ctx.data is not None  # loaded whenever int8 is on
     fp32_xml = ctx.made["openvino"] / "model.xml"
     out_dir = ctx.run.start(artefact.key)
-    ctx.say(f"OpenVINO INT8: NNCF, {len(ctx.calib)} calibration images, max F1 drop {plan.int8_max_drop} "
+    ctx.say(f"OpenVINO INT8: NNCF, {len(ctx.calib)} calibration images, max F1 drop {plan.int8_max_drop} plus its "
+            f"sampling noise at {plan.int8_drop_confidence:g} confidence "
             "(if the first INT8 model drops more, NNCF ranks the quantised layers, for at most "
             f"{plan.int8_control_seconds if plan.int8_control_seconds is not None else 'unlimited'} s)")
     res = quantize_int8(
         fp32_xml, out_dir, calibration_images=ctx.calib, data=ctx.data, max_drop=plan.int8_max_drop,
         metadata=ctx.metadata, max_iterations=plan.int8_max_iterations,
         control_seconds=plan.int8_control_seconds, patterns=float_kept_patterns(plan.model_size),
+        drop_confidence=plan.int8_drop_confidence,
     )
     f1_txt = (
-        f"F1 float {res.float_f1:.4f} -> INT8 {res.int8_f1:.4f} (drop {res.f1_drop:+.4f}, max {res.max_drop})"
+        f"F1 float {res.float_f1:.4f} -> INT8 {res.int8_f1:.4f} (drop {res.f1_drop:+.4f}, max {res.max_drop}"
+        + (f" + sampling noise {res.drop_limit - res.max_drop:.4f} = {res.drop_limit:.4f})"
+           if res.drop_limit is not None else ")")
         if res.f1_drop is not None else "F1 not measured"
     )
     ctx.say(f"OpenVINO INT8: quantised ({artefact_size(out_dir) / 1e6:.1f} MB, {res.seconds:.1f} s); {f1_txt}; {res.note}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from dfineseg.export.parity_checks import (
     Check,
     apply_noise_floor,
     check_detections,
+    check_device_default,
     check_dynamic_batch,
     check_f1,
     check_outputs,
@@ -90,8 +92,11 @@ def run_parity(
     raw_forward: Forward | None = None,
     runtime: dict[str, Any] | None = None,
     raise_on_failure: bool = True,
+    open_device_default: Callable[[], tuple[Forward, int | None, dict[str, Any]]] | None = None,
 ) -> ParityReport:
-    """Compare one artefact with the reference, write its report JSON, raise ParityError on failure."""
+    """Compare one artefact with the reference, write its report JSON, raise ParityError on failure.
+    `open_device_default`: for a runtime with a precision choice, the artefact opened at the device's default
+    precision (the `device_default` smoke check)."""
     t0 = time.perf_counter()
     checks: list[Check] = []
     if raw_forward is not None and ref.raw is not None:
@@ -109,6 +114,8 @@ def run_parity(
     checks.append(check_f1(ref.f1, f1_of(got_dets, data), tol, ref.detections, got_dets, data))
     if tol.noise_floor:
         apply_noise_floor(checks, ref, data, tol)
+    if open_device_default is not None:
+        checks.append(check_device_default(open_device_default, runtime or {}, data, ref))
     report = ParityReport(
         artefact=str(artefact),
         precision=precision,

@@ -100,6 +100,15 @@ def f1_of(detections: Sequence[Detections], data: ParityData) -> dict[str, float
     return {k: float(v) for k, v in m.items()}
 
 
+def image_counts(detections: Sequence[Detections], data: ParityData) -> np.ndarray | None:
+    """Each validation image's tp, fp, fn at the evaluation threshold, (images, 3); None without ground truth."""
+    if data.ground_truth is None:
+        return None
+    from dfineseg.infer.metrics import PaperMetrics
+
+    return PaperMetrics(detections, data.ground_truth, data.task, iou_thr=data.iou_thr).outcome(data.conf).image_counts
+
+
 def perturbed_input(forward: Forward, amplitude: float, seed: int = 0) -> Forward:
     """`forward` on its input plus uniform noise in [-amplitude, amplitude], the same for the same shape and seed."""
 

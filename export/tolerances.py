@@ -3,6 +3,8 @@ at the encoder's top-K boundary, and the noise floor of FP16's limits.
 
 Tolerances per precision are in `TOLERANCES`; INT8 is judged by the F1 drop only (its raw outputs
 differ by design), the other numbers are reported for it (`int8_tolerance`, limit `export.int8_max_drop`).
+Its limit also allows for sampling noise: the drop measured on a small validation split moves with which
+images were drawn (`sampling_confidence`, `export.int8_drop_confidence`; see `parity_checks.drop_limit`).
 
 FP16 limits also have a noise floor: a model's answers move when its input moves, and a weak model's
 move a lot. PyTorch itself is run again on the same images with uniform input noise (`NOISE_DRAWS`
@@ -41,6 +43,9 @@ class Tolerance:
     # The arithmetic checks (raw, outputs) judge the queries PyTorch scores at least this fraction of the
     # evaluation threshold (and RELEVANT_SCORE); the others are reported. See `judged_score`.
     judged_fraction_of_conf: float = 0.0
+    # INT8: the F1 drop fails only when it exceeds `f1` with this one-sided confidence over the sampling noise
+    # of the validation images (None: judged as measured)
+    sampling_confidence: float | None = None
 
 
 TOLERANCES: dict[str, Tolerance] = {
@@ -69,12 +74,12 @@ def judged_score(tol: Tolerance, conf: float | None) -> float:
     return max(RELEVANT_SCORE, tol.judged_fraction_of_conf * float(conf))
 
 
-def int8_tolerance(max_drop: float) -> Tolerance:
-    return Tolerance(raw=None, f1=max_drop, geometry=False, one_sided_f1=True)
+def int8_tolerance(max_drop: float, confidence: float | None = None) -> Tolerance:
+    return Tolerance(raw=None, f1=max_drop, geometry=False, one_sided_f1=True, sampling_confidence=confidence)
 
 
-def tolerance_for(name: str, int8_max_drop: float) -> Tolerance:
+def tolerance_for(name: str, int8_max_drop: float, int8_confidence: float | None = None) -> Tolerance:
     """An artefact's tolerance by its registry name (`dfineseg.export.formats`): a key of TOLERANCES, or
     "int8". Looked up when the artefact is checked, not when the registry is built, so that a test (or a
     caller) that replaces an entry of TOLERANCES is heard."""
-    return int8_tolerance(int8_max_drop) if name == "int8" else TOLERANCES[name]
+    return int8_tolerance(int8_max_drop, int8_confidence) if name == "int8" else TOLERANCES[name]

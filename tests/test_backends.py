@@ -191,3 +191,38 @@ def test_openvino_reads_metadata_written_by_the_exporter(tmp_path):
     predictor = Predictor.load(tmp_path / "ir")
     assert predictor.names == ["x", "y", "z"] and predictor.conf == pytest.approx(0.42)
     assert predictor.category_ids == CATEGORY_IDS
+
+
+def test_parity_runs_an_openvino_artefact_under_the_device_default_precision_too(standin_files, tmp_path):
+    """Parity pins f32; `infer` and `bench` keep the device's default (bf16 on AVX512-BF16/AMX CPUs), where a
+    graph can break alone (session 13's gather sampler crashed only there). The smoke check runs it, reports
+    what it computed in, and fails an artefact that cannot run there, with the runtime's own words."""
+    import shutil
+
+    from dfineseg.export.context import open_backend
+    from dfineseg.export.parity_checks import check_device_default
+    from dfineseg.export.parity_data import ParityData, Reference
+    from dfineseg.infer.detections import Detections
+
+    images = [scene(s) for s in range(3)]
+    data = ParityData(images, None, "generated", IMGSZ, "stretch", "detect", 0.3)
+    ref = Reference({}, [], None, [Detections.empty(img.shape[:2]) for img in images], None, 0.0)
+    pinned = open_backend(standin_files.openvino, precision="f32")[2]
+    check = check_device_default(lambda: open_backend(standin_files.openvino), pinned, data, ref)
+    default_precision = load_backend(standin_files.openvino).runtime.precision
+    assert check.passed and check.detail["precision"] == default_precision
+    if default_precision == pinned["precision"]:  # a CPU without bf16: nothing new to run
+        assert not check.judged and "checked above" in check.detail["note"]
+    else:
+        assert check.judged and check.detail["images"] == 3 and check.detail["torch_detections"] == 0
+        assert check.detail["detections"] >= 0
+    # Judged as run whatever the CPU when the pinned precision differs from the default (here: told so).
+    ran = check_device_default(lambda: open_backend(standin_files.openvino), {"precision": "other"}, data, ref)
+    assert ran.passed and ran.judged and ran.detail["images"] == 3
+    # An artefact that does not open or run at the default is a failure naming the error and the way out.
+    broken = tmp_path / "broken"
+    shutil.copytree(standin_files.openvino.parent, broken)
+    (broken / standin_files.openvino.with_suffix(".bin").name).write_bytes(b"\0" * 16)
+    failed = check_device_default(lambda: open_backend(broken / standin_files.openvino.name), pinned, data, ref)
+    assert not failed.passed and failed.judged and "precision=f32" in failed.detail["fix"]
+    assert failed.detail["error"]

@@ -358,6 +358,42 @@ def test_fp16_f1_limit_allows_one_ground_truth_match_flip_not_two():
     assert not check_two.passed
 
 
+def test_int8_f1_limit_allows_the_drops_sampling_noise_and_still_fails_a_real_loss():
+    """INT8's drop on a small validation split moves with which images were drawn (~0.01 on 60 images, as
+    much as the whole budget): the limit grows by z standard errors of the drop, which shrink with more
+    images, and a loss beyond the budget plus that noise still fails."""
+    from dfineseg.export.parity_checks import check_f1, drop_limit
+    from dfineseg.export.parity_data import f1_of, image_counts
+    from dfineseg.export.tolerances import int8_tolerance
+    from dfineseg.infer.metrics import PaperMetrics, f1_difference_se
+
+    # 60 images with one object each; PyTorch finds 40 (F1 0.8). INT8 loses one detection: drop 0.012.
+    data, dets = _hand_made_f1_case(60)
+    torch_dets = dets([0.9] * 40 + [None] * 20)
+    one_lost = dets([0.9] * 39 + [None] * 21)
+    ref, got = f1_of(torch_dets, data), f1_of(one_lost, data)
+    counts = PaperMetrics(torch_dets, data.ground_truth, "detect").outcome(0.5).image_counts
+    assert counts.shape == (60, 3) and tuple(counts.sum(0)) == (ref["tp"], ref["fp"], ref["fn"])
+    as_measured = check_f1(ref, got, int8_tolerance(0.01, 0.5), torch_dets, one_lost, data)
+    assert not as_measured.passed and as_measured.limit == pytest.approx(0.01)  # z = 0 at confidence 0.5
+    noisy = check_f1(ref, got, int8_tolerance(0.01, 0.95), torch_dets, one_lost, data)
+    se = noisy.detail["sampling_se"]
+    assert 0.005 < se < 0.03 and noisy.detail["sampling_images"] == 60
+    assert noisy.passed and noisy.limit == pytest.approx(0.01 + 1.6449 * se, rel=1e-3)
+    # Without the detections (no per-image counts) the limit stays the budget.
+    assert check_f1(ref, got, int8_tolerance(0.01, 0.95)).limit == 0.01
+    # Six detections lost (drop 0.077): a real loss beyond budget plus noise fails.
+    six_lost = dets([0.9] * 34 + [None] * 26)
+    real = check_f1(ref, f1_of(six_lost, data), int8_tolerance(0.01, 0.95), torch_dets, six_lost, data)
+    assert not real.passed and real.value > real.limit
+    # Ten times the images with the same pattern: the error shrinks by ~sqrt(10) and the limit with it.
+    a, b = image_counts(torch_dets, data), image_counts(one_lost, data)
+    wide = f1_difference_se(np.tile(a, (10, 1)), np.tile(b, (10, 1)))
+    assert wide == pytest.approx(se / np.sqrt(10), rel=0.25)
+    assert f1_difference_se(a, a) == 0.0
+    assert drop_limit(0.01, 0.95, np.tile(a, (10, 1)), np.tile(b, (10, 1))).limit < noisy.limit
+
+
 def test_detections_check_counts_two_empty_masks_as_the_same_answer():
     from dfineseg.export.parity_checks import check_detections
     from dfineseg.export.tolerances import TOLERANCES
