@@ -31,7 +31,7 @@ from dfineseg.export.errors import ExportBackendUnavailable, ExportError
 from dfineseg.export.meta import write_openvino_metadata
 from dfineseg.export.openvino_export import PARITY_PRECISION_HINT, compiled_forward, import_openvino
 from dfineseg.export.parity_checks import DropLimit, drop_limit
-from dfineseg.export.parity_data import ParityData, detections_for, f1_of, image_counts
+from dfineseg.export.parity_data import ParityData, detections_for, outcome_of
 from dfineseg.export.publish import ArtefactRecord, artefact_size
 from dfineseg.infer.batching import chunks, pad_batch
 from dfineseg.infer.preprocess import preprocess
@@ -305,9 +305,8 @@ def _f1_of_model(model: Any, data: ParityData) -> tuple[float, np.ndarray | None
 
     compiled = compile_openvino(model, PARITY_PRECISION_HINT)
     fixed = _static_batch(model)
-    dets = detections_for(compiled_forward(compiled), data, fixed)
-    f1 = f1_of(dets, data)
-    return (float(f1["f1"]) if f1 else 0.0), image_counts(dets, data)
+    outcome = outcome_of(detections_for(compiled_forward(compiled), data, fixed), data)
+    return (float(outcome.summary()["f1"]) if outcome else 0.0), (outcome.image_counts if outcome else None)
 
 
 def build_int8(ctx: ExportContext, artefact: Artefact) -> Built:

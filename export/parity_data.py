@@ -91,22 +91,25 @@ class Reference:
         return self._perturbed[amplitude]
 
 
-def f1_of(detections: Sequence[Detections], data: ParityData) -> dict[str, float] | None:
-    if data.ground_truth is None:
-        return None
-    from dfineseg.infer.metrics import paper_metrics
-
-    m = paper_metrics(detections, data.ground_truth, data.task, conf=data.conf, iou_thr=data.iou_thr)
-    return {k: float(v) for k, v in m.items()}
-
-
-def image_counts(detections: Sequence[Detections], data: ParityData) -> np.ndarray | None:
-    """Each validation image's tp, fp, fn at the evaluation threshold, (images, 3); None without ground truth."""
+def outcome_of(detections: Sequence[Detections], data: ParityData) -> Any | None:
+    """The paper's counts at the evaluation threshold (`infer.metrics.Outcome`: totals and each image's), from
+    one matching pass; None without ground truth."""
     if data.ground_truth is None:
         return None
     from dfineseg.infer.metrics import PaperMetrics
 
-    return PaperMetrics(detections, data.ground_truth, data.task, iou_thr=data.iou_thr).outcome(data.conf).image_counts
+    return PaperMetrics(detections, data.ground_truth, data.task, iou_thr=data.iou_thr).outcome(data.conf)
+
+
+def f1_of(detections: Sequence[Detections], data: ParityData) -> dict[str, float] | None:
+    outcome = outcome_of(detections, data)
+    return None if outcome is None else {k: float(v) for k, v in outcome.summary().items()}
+
+
+def image_counts(detections: Sequence[Detections], data: ParityData) -> np.ndarray | None:
+    """Each validation image's tp, fp, fn at the evaluation threshold, (images, 3); None without ground truth."""
+    outcome = outcome_of(detections, data)
+    return None if outcome is None else outcome.image_counts
 
 
 def perturbed_input(forward: Forward, amplitude: float, seed: int = 0) -> Forward:
