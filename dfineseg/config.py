@@ -322,7 +322,8 @@ class ExportConfig(Section):
     topk: int = Field(100, ge=1)
     opset: int = Field(19, ge=17)
     simplify: bool = True
-    gather_sampler: bool = False
+    gather_sampler: bool = Field(False, description="no effect, kept so that older configs load: every export's "
+                                 "deformable attention samples by gathering rows, without GridSample")
     parity: bool = True
     parity_images: int = Field(8, ge=1)
     int8_max_drop: float = Field(0.01, ge=0.0)

@@ -61,7 +61,6 @@ class ExportPlan:
     topk: int
     opset: int
     simplify: bool
-    gather_sampler: bool
     parity: bool
     resize: str
     conf: float
@@ -101,7 +100,6 @@ def make_plan(weights: str | Path, cfg: Any, opened: ModelFile) -> ExportPlan:
         topk=info.topk,
         opset=e.opset,
         simplify=e.simplify,
-        gather_sampler=e.gather_sampler,
         parity=e.parity,
         resize=info.resize,
         conf=info.conf,
@@ -219,6 +217,9 @@ def export_model(weights: str | Path, cfg: Any, say: Say | None = _print) -> dic
     keys = planned_artefacts(formats, e.half, e.int8)
     if not keys:
         raise ExportError(f"nothing to export: pass format= one or more of {', '.join(FORMATS)}")
+    if e.gather_sampler:
+        say("export.gather_sampler=true has no effect: every export's deformable attention now samples by gathering "
+            "rows of the token memory, without GridSample (MSDeformableAttention._gather_rows)")
     adopted = adopt_legacy_export(folder)
     if adopted:
         say(f"{folder.root}: written by an earlier dfineseg (no output ledger); its export files are adopted: "
@@ -226,7 +227,7 @@ def export_model(weights: str | Path, cfg: Any, say: Say | None = _print) -> dic
     folder.check_all(output_names(keys))
     run = ExportRun(keys, folder, say)
     base: dict[str, Any] = {"weights": str(weights), "imgsz": list(e.imgsz) if e.imgsz else None, "batch": e.batch,
-                            "dynamic_batch": e.dynamic_batch, "topk": e.topk, "gather_sampler": e.gather_sampler,
+                            "dynamic_batch": e.dynamic_batch, "topk": e.topk,
                             "parity": e.parity}
     error: BaseException | None = None
     try:

@@ -16,7 +16,6 @@ from torch import nn
 
 from dfineseg.export.context import Built, ExportContext, ort_forward
 from dfineseg.export.errors import ExportError
-from dfineseg.export.gather_sampler import use_gather_sampler
 from dfineseg.export.meta import with_precision, write_onnx_metadata
 from dfineseg.export.publish import ArtefactRecord, artefact_size
 from dfineseg.infer.graph import DETECTION_OUTPUTS, INPUT_NAME, MASK_OUTPUTS, OUTPUT_NAMES, RAW_NAMES
@@ -34,7 +33,6 @@ class OnnxExportInfo:
     opset: int
     simplified: bool
     simplify_error: str | None
-    gather_sampler: bool
     dynamic_batch: bool
     batch: int
     imgsz: tuple[int, int]
@@ -118,7 +116,6 @@ def export_onnx(
     dynamic_batch: bool = False,
     opset: int = 19,
     simplify: bool = True,
-    gather_sampler: bool = False,
     metadata: dict[str, str] | None = None,
     output_names: tuple[str, ...] | None = None,
 ) -> OnnxExportInfo:
@@ -133,27 +130,26 @@ def export_onnx(
     model = model.eval()
     # A dynamic graph is traced with 2 images so that nothing gets specialised to a batch of one.
     example = torch.rand(max(batch, 2) if dynamic_batch else batch, 3, h, w)
-    with use_gather_sampler(gather_sampler):
-        names = tuple(output_names) if output_names else OUTPUT_NAMES[: _num_outputs(model, example)]
-        dynamic_axes = None
-        if dynamic_batch:
-            dynamic_axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in names}}
-        buffer = io.BytesIO()
-        with torch.no_grad(), warnings.catch_warnings():
-            # The TorchScript exporter is deprecated but is the one that writes native LayerNormalization
-            # at opset 17 and a single file; its warnings say only that.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (example,),
-                buffer,
-                dynamo=False,
-                opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=list(names),
-                dynamic_axes=dynamic_axes,
-                do_constant_folding=True,
-            )
+    names = tuple(output_names) if output_names else OUTPUT_NAMES[: _num_outputs(model, example)]
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in names}}
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is deprecated but is the one that writes native LayerNormalization
+        # at opset 17 and a single file; its warnings say only that.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=list(names),
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+        )
     proto = onnx.load_from_string(buffer.getvalue())
     simplify_error = None
     simplified = False
@@ -170,10 +166,12 @@ def export_onnx(
             f"{path}: LayerNorm was decomposed into ReduceMean/Sub/Pow (opset {opset}); "
             "TensorRT FP16 overflows on that form: export with opset >= 17"
         )
-    if gather_sampler and counts.get("GridSample"):
+    if counts.get("GridSample"):
+        # The deploy graph samples by gathering rows (MSDeformableAttention._gather_rows): GridSample here means
+        # the training form was traced, which TensorRT mis-computes (dfine-facts section 8) and OpenVINO runs slowly.
         raise ExportError(
-            f"{path}: export.gather_sampler=true but the graph still has {counts['GridSample']} GridSample "
-            "node(s): the model's deformable attention does not sample through a patchable grid_sample"
+            f"{path}: the traced graph has {counts['GridSample']} GridSample node(s): the model was not traced in "
+            "eval mode, or a module samples through grid_sample (export traces DeployModel.eval())"
         )
     if metadata:
         write_onnx_metadata(proto, metadata)
@@ -185,7 +183,6 @@ def export_onnx(
         opset=opset,
         simplified=simplified,
         simplify_error=simplify_error,
-        gather_sampler=gather_sampler,
         dynamic_batch=dynamic_batch,
         batch=batch,
         imgsz=(h, w),
@@ -201,8 +198,7 @@ def export_source(ctx: ExportContext, deploy: nn.Module) -> tuple[ArtefactRecord
     plan = ctx.plan
     path = ctx.run.staged("onnx")
     info = export_onnx(deploy, path, metadata=ctx.metadata, imgsz=plan.imgsz, batch=plan.batch,
-                       dynamic_batch=plan.dynamic_batch, opset=plan.opset, simplify=plan.simplify,
-                       gather_sampler=plan.gather_sampler)
+                       dynamic_batch=plan.dynamic_batch, opset=plan.opset, simplify=plan.simplify)
     note = "" if info.simplified else f" (not simplified: {info.simplify_error or 'simplify=false'})"
     ctx.say(f"ONNX: exported ({artefact_size(path) / 1e6:.1f} MB, {info.seconds:.1f} s, opset {plan.opset}){note}")
     record = ArtefactRecord("onnx", path, "fp32", info.seconds, extra={
@@ -217,7 +213,7 @@ def export_twin(ctx: ExportContext, model: nn.Module) -> Path:
     plan = ctx.plan
     path = ctx.scratch / "raw.onnx"
     export_onnx(RawOutputs(model), path, imgsz=plan.imgsz, batch=1, dynamic_batch=True, opset=plan.opset,
-                simplify=False, gather_sampler=plan.gather_sampler, output_names=RAW_NAMES)
+                simplify=False, output_names=RAW_NAMES)
     return path
 
 

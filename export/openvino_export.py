@@ -17,6 +17,7 @@ import numpy as np
 from dfineseg.export.context import Built, ExportContext
 from dfineseg.export.errors import ExportBackendUnavailable, ExportError
 from dfineseg.export.meta import with_precision, write_openvino_metadata
+from dfineseg.export.openvino_rewrites import fuse_sampling_bags
 from dfineseg.export.publish import ArtefactRecord, artefact_size
 from dfineseg.infer.graph import OUTPUT_NAMES, RAW_NAMES
 
@@ -41,6 +42,7 @@ class OpenVinoExportInfo:
     xml: Path
     compressed_fp16: bool
     seconds: float
+    sampling_bags: int = 0  # deformable-attention samplings rewritten as EmbeddingBagPackedSum
 
 
 def export_openvino(onnx_path: Path, out_dir: Path, *, compress_fp16: bool, metadata: dict[str, str]) -> OpenVinoExportInfo:
@@ -56,11 +58,14 @@ def export_openvino(onnx_path: Path, out_dir: Path, *, compress_fp16: bool, meta
             f"{onnx_path}: OpenVINO {getattr(ov, '__version__', '')} could not convert the ONNX graph: "
             f"{runtime_message(exc)}"
         ) from exc
+    # The deformable attention's gather + weighted sum as OpenVINO's one-node form (export/openvino_rewrites.py).
+    bags = fuse_sampling_bags(model)
     write_openvino_metadata(model, metadata)
     out_dir.mkdir(parents=True, exist_ok=True)
     xml = out_dir / "model.xml"
     ov.save_model(model, str(xml), compress_to_fp16=compress_fp16)
-    return OpenVinoExportInfo(xml=xml, compressed_fp16=compress_fp16, seconds=time.perf_counter() - t0)
+    return OpenVinoExportInfo(xml=xml, compressed_fp16=compress_fp16, seconds=time.perf_counter() - t0,
+                              sampling_bags=bags)
 
 
 def compile_openvino(model_or_path: Any, precision_hint: str = PARITY_PRECISION_HINT) -> Any:
@@ -100,8 +105,10 @@ def build_ir(ctx: ExportContext, artefact: Artefact) -> Built:
     out_dir = ctx.run.start(key)
     info = export_openvino(ctx.made["onnx"], out_dir, compress_fp16=compress,
                            metadata=with_precision(ctx.metadata, precision))
-    ctx.say(f"OpenVINO {precision}: converted ({artefact_size(out_dir) / 1e6:.1f} MB, {info.seconds:.1f} s)")
-    record = ArtefactRecord(key, out_dir, precision, info.seconds, extra={"precision_hint": PARITY_PRECISION_HINT})
+    ctx.say(f"OpenVINO {precision}: converted ({artefact_size(out_dir) / 1e6:.1f} MB, {info.seconds:.1f} s; "
+            f"{info.sampling_bags} deformable-attention sampling(s) as EmbeddingBagPackedSum)")
+    record = ArtefactRecord(key, out_dir, precision, info.seconds, extra={"precision_hint": PARITY_PRECISION_HINT,
+                                                                        "sampling_bags": info.sampling_bags})
     twin = None
     if ctx.twin is not None:
         raw = export_openvino(ctx.twin, ctx.scratch / f"raw_{key}", compress_fp16=compress, metadata={})

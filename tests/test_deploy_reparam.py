@@ -1,6 +1,6 @@
-"""Exact rewrites the exported graph inherits from eval mode: each RepVGG block as one 3x3 conv, and the
+"""Exact rewrites the exported graph inherits from eval mode: each RepVGG block as one 3x3 conv, the
 finest level's dense fusion without its duplicated map (docs/BENCHMARKS.md, "Exact rewrites for the deploy
-graph")."""
+graph"), the concat-free stem, and the FPN's first convolution run before its upsample."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from dfineseg.export.onnx_export import export_onnx
 from dfineseg.model import DFINESeg
 from dfineseg.model.dfine import DeployModel
-from dfineseg.model.encoder import RepVGGBlock
+from dfineseg.model.encoder import HybridEncoder, RepNCSPELAN4, RepVGGBlock
 from dfineseg.model.hgnetv2 import StemBlock
 
 
@@ -96,3 +96,78 @@ def test_stem_in_eval_mode_convolves_its_two_parts_without_the_concat(tmp_path):
     stem.train()
     stem(x).sum().backward()
     assert stem.stem3.conv.weight.grad is not None and stem.stem3.conv.weight.grad[:, :16].abs().sum() > 0
+
+
+def test_fpn_block_in_eval_mode_convolves_the_coarse_map_before_upsampling_it(tmp_path):
+    torch.manual_seed(0)
+    block = RepNCSPELAN4(16, 8, 16, 4, 1)
+    _random_norm_statistics(block)
+    block.eval()
+    coarse, fine = torch.randn(2, 8, 5, 4), torch.randn(2, 8, 10, 8)
+    upsampled = torch.nn.functional.interpolate(coarse, scale_factor=2.0, mode="nearest")
+    with torch.no_grad():
+        torch.testing.assert_close(block(coarse, fine), block(torch.cat([upsampled, fine], 1)), atol=1e-5, rtol=1e-5)
+
+    # The whole encoder, eval mode, against its training form (the concat) with the same running statistics.
+    encoder = HybridEncoder([8, 16, 32], [8, 16, 32], hidden_dim=16, dim_feedforward=32, expansion=0.5,
+                            depth_mult=0.34)
+    _random_norm_statistics(encoder)
+    feats = [torch.randn(1, 8, 16, 16), torch.randn(1, 16, 8, 8), torch.randn(1, 32, 4, 4)]
+    encoder.eval()
+    with torch.no_grad():
+        rewritten = encoder(feats)
+        for m in encoder.fpn_blocks:
+            m.training = True  # only the blocks' own flag: their BatchNorms keep the running statistics
+        concatenated = encoder(feats)
+    for a, b in zip(rewritten, concatenated, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    # In the exported graph no FPN convolution reads the upsampled map: the upsample follows a convolution.
+    path = tmp_path / "fpn.onnx"
+    torch.onnx.export(block, (coarse, fine), str(path), dynamo=False, opset_version=19)
+    graph = onnx.load(str(path)).graph
+    made_by = {out: n.op_type for n in graph.node for out in n.output}
+    resizes = [n for n in graph.node if n.op_type == "Resize"]
+    assert len(resizes) == 1 and made_by[resizes[0].input[0]] == "Conv"
+    assert not [n.name for n in graph.node if n.op_type == "Conv" and made_by.get(n.input[0]) == "Resize"]
+    # ... and the only convolution of a concat is cv4's (its four branches), not cv1's.
+    assert [n.name for n in graph.node if n.op_type == "Conv" and made_by.get(n.input[0]) == "Concat"] == [
+        "/cv4/conv/Conv"]
+    assert all(n.input[1] in {i.name for i in graph.initializer} for n in graph.node if n.op_type == "Conv")
+    # Training keeps the concatenation, and both halves of cv1's kernel get gradients through it.
+    block.train()
+    block(coarse, fine).sum().backward()
+    grad = block.cv1.conv.weight.grad
+    assert grad[:, :8].abs().sum() > 0 and grad[:, 8:].abs().sum() > 0
+
+
+def test_decoder_in_eval_mode_samples_rows_of_the_memory_as_training_samples_its_maps():
+    """Eval mode (validation, every export) reads the cross-attention values as rows of the token memory
+    (MSDeformableAttention._gather_rows); training samples per-level maps with grid_sample. Same decoder output."""
+    torch.manual_seed(0)
+    model = DFINESeg("tiny", 3, "segment", num_queries=20).eval()
+    _random_norm_statistics(model)
+    with torch.no_grad():
+        for layer in model.decoder.decoder.layers:  # far-reaching offsets: points outside the maps too
+            layer.cross_attn.sampling_offsets.weight.normal_(0, 0.5)
+            layer.cross_attn.attention_weights.weight.normal_(0, 0.5)
+    dec = model.decoder
+    with torch.no_grad():
+        pan, _ = model.features(torch.rand(2, 3, 96, 64))
+        memory, shapes, maps = dec._flatten(pan)
+        content = torch.randn(2, 20, memory.shape[-1])
+        ref_unact = torch.randn(2, 20, 4)
+        rows = dec._run_layers(content, ref_unact, memory, shapes, None)
+        planes = dec._run_layers(content, ref_unact, dec._head_values(maps), shapes, None)
+    for key in ("logits", "boxes", "hidden"):
+        torch.testing.assert_close(rows[key][-1], planes[key][-1], atol=1e-5, rtol=1e-5)
+    # The eval forward takes the row form (no grid_sample is called).
+    calls = []
+    original = torch.nn.functional.grid_sample
+    torch.nn.functional.grid_sample = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        with torch.no_grad():
+            model(torch.rand(1, 3, 64, 64))
+    finally:
+        torch.nn.functional.grid_sample = original
+    assert not calls

@@ -186,6 +186,21 @@ def test_int8_is_accuracy_controlled_and_reports_its_f1_change(exported):
                     for t in op.output(0).get_target_inputs())
     ]
     assert fake and not on_box_path, on_box_path
+    # The deformable attention's sampling stays float: no FakeQuantize on the way into its weighted sums
+    # (quantised samples and weights cost S 0.24 held-out F1; docs/BENCHMARKS.md, session 15). This fixture has a
+    # dynamic batch, so its sampling is the gather + product (a static export has EmbeddingBagPackedSum instead).
+    def fed_by_fake_quantize(node, depth=0):
+        if node.get_type_name() == "FakeQuantize":
+            return True
+        if depth >= 3 or node.get_type_name() in ("Parameter", "Constant"):
+            return False
+        return any(fed_by_fake_quantize(v.get_node(), depth + 1) for v in node.input_values())
+
+    sums = [op for op in ir.get_ops() if op.get_type_name() == "EmbeddingBagPackedSum"
+            or (op.get_type_name() == "MatMul" and op.input_value(1).get_node().get_type_name() == "Reshape"
+                and op.input_value(1).get_node().input_value(0).get_node().get_type_name() == "Gather")]
+    assert sums, "no sampling found: the deformable attention's weighted sum of gathered rows"
+    assert not [op.get_friendly_name() for op in sums if any(fed_by_fake_quantize(v.get_node()) for v in op.input_values())]
     f1 = _checks(summary, "openvino_int8")["f1"]
     assert f1["judged"] and f1["passed"] and f1["detail"]["max_drop"] == report["max_drop"]
     assert f1["limit"] == pytest.approx(report["max_drop"] + f1["detail"]["sampling_z"] * f1["detail"]["sampling_se"])

@@ -1,4 +1,4 @@
-"""Export building blocks on small graphs: the gather sampler, FP16 conversion, LayerNorm form, TensorRT guard."""
+"""Export building blocks on small graphs: the row sampler, FP16 conversion, LayerNorm form, TensorRT guard."""
 
 from __future__ import annotations
 
@@ -11,26 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 from torch import nn
 
 from dfineseg.export.errors import ExportBackendUnavailable, ExportError
 from dfineseg.export.fp16 import convert_to_fp16
-from dfineseg.export.gather_sampler import gather_grid_sample, use_gather_sampler
 from dfineseg.export.onnx_export import decomposed_layernorms, export_onnx, op_counts
+from dfineseg.model.decoder import MSDeformableAttention
 
 # The TorchScript exporter warns that it is deprecated on every call; it is the one chosen (native LN, one file).
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-class Sampler(nn.Module):
-    def forward(self, value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
 class SmallDeploy(nn.Module):
-    """DeployModel-shaped stand-in: conv, LayerNorm, grid_sample, float arange, top-K, pixel features (NHWC) and
-    per-query mask embeddings."""
+    """DeployModel-shaped stand-in: conv, LayerNorm, deformable sampling of the feature tokens, float arange,
+    top-K, pixel features (NHWC) and per-query mask embeddings."""
 
     def __init__(self, classes: int = 3, queries: int = 12, k: int = 5, dim: int = 8) -> None:
         super().__init__()
@@ -38,7 +32,7 @@ class SmallDeploy(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, 2, 1), nn.ReLU(), nn.Conv2d(dim, dim, 3, 2, 1))
         self.query = nn.Parameter(torch.randn(queries, dim))
         self.norm = nn.LayerNorm(dim)
-        self.offset = nn.Linear(dim, 2)
+        self.attn = MSDeformableAttention(dim, 2, [3])
         self.cls = nn.Linear(dim, classes)
         self.box = nn.Linear(dim, 4)
 
@@ -48,8 +42,8 @@ class SmallDeploy(nn.Module):
         pos = torch.arange(w, dtype=torch.float32) / w  # shape arithmetic in float (Range in the graph)
         feat = feat + pos.view(1, 1, 1, w)
         q = self.query.unsqueeze(0).expand(b, -1, -1)
-        grid = torch.tanh(self.offset(q)).unsqueeze(2)
-        q = self.norm(q + F.grid_sample(feat, grid, align_corners=False).squeeze(-1).transpose(1, 2))
+        ref = self.box(q).sigmoid()
+        q = self.norm(q + self.attn(q, ref, feat.flatten(2).transpose(1, 2), [(h, w)]))
         scores, labels = self.cls(q).sigmoid().max(-1)
         scores, idx = scores.topk(self.k, dim=1)
         cxcywh = self.box(q).sigmoid().gather(1, idx[..., None].expand(-1, -1, 4))
@@ -58,97 +52,106 @@ class SmallDeploy(nn.Module):
         return scores, labels.gather(1, idx), boxes, feat.permute(0, 2, 3, 1), embed
 
 
+class RowSampling(nn.Module):
+    """The deformable attention's sampling alone: (memory [B,N,D], locs [B,Q,heads,P,2], weights) -> [B,Q,D]."""
+
+    def __init__(self, attn: MSDeformableAttention, shapes: list[tuple[int, int]]):
+        super().__init__()
+        self.attn, self.shapes = attn, shapes
+
+    def forward(self, memory: torch.Tensor, locs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.attn._gather_rows(memory, locs, weights, self.shapes)
+
+
+def _attention(dim: int, heads: int, points: list[int], seed: int = 0) -> MSDeformableAttention:
+    attn = MSDeformableAttention(dim, heads, points)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # offsets that reach past the map edges: zeros padding matters
+        attn.sampling_offsets.weight.copy_(torch.randn(attn.sampling_offsets.weight.shape, generator=g))
+        attn.attention_weights.weight.copy_(torch.randn(attn.attention_weights.weight.shape, generator=g))
+    return attn.eval()
+
+
 def _run(path, **feeds):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-def test_gather_sampler_equals_grid_sample_in_torch_and_onnxruntime(tmp_path):
+def test_row_sampler_equals_grid_sample_in_torch_and_onnxruntime(tmp_path):
+    """Eval mode samples rows of the token memory; training samples per-level maps with grid_sample: the same
+    function, also as an ONNX graph (no GridSample) in ONNX Runtime."""
+    shapes, heads, dim = [(6, 5), (3, 3)], 2, 8
+    attn = _attention(dim, heads, [2, 3])
+    g = torch.Generator().manual_seed(1)
+    query, ref = torch.randn(2, 7, dim, generator=g), torch.rand(2, 7, 4, generator=g)
+    memory = torch.randn(2, sum(h * w for h, w in shapes), dim, generator=g)
+    # What training samples: per level [B*heads, D/heads, H, W] (DFINEDecoder._memory_values).
+    maps = [m.reshape(2 * heads, dim // heads, h, w) for m, (h, w) in zip(
+        memory.reshape(2, -1, heads, dim // heads).permute(0, 2, 3, 1).split([h * w for h, w in shapes], -1),
+        shapes, strict=True)]
+    with torch.no_grad():
+        rows = attn(query, ref, memory, shapes)
+        planes = attn(query, ref, maps, shapes)
+    torch.testing.assert_close(rows, planes, atol=1e-5, rtol=1e-5)
+
+    total = 5
+    locs = torch.rand(2, 7, heads, total, 2, generator=g) * 1.6 - 0.3  # partly outside the map
+    weights = torch.rand(2, 7, heads, total, generator=g)
+    path = tmp_path / "rows.onnx"
+    with torch.no_grad():
+        expected = RowSampling(attn, shapes)(memory, locs, weights)
+        torch.onnx.export(RowSampling(attn, shapes), (memory, locs, weights), str(path), dynamo=False,
+                          opset_version=19, input_names=["memory", "locs", "weights"], output_names=["out"])
+    counts = op_counts(onnx.load(str(path)))
+    assert "GridSample" not in counts and counts.get("Gather", 0) >= 1
+    out, = _run(path, memory=memory.numpy(), locs=locs.numpy(), weights=weights.numpy())
+    assert np.abs(out - expected.numpy()).max() <= 1e-5
+
+
+def test_row_sampler_reads_the_right_pixel_of_a_large_map_in_fp16(tmp_path):
+    """A stride-8 map at 640 has 6,400 pixels (x heads rows): an index computed in fp16 (spacing 4 above 4096)
+    would read a neighbour. The FP16 ONNX (TensorRT's input) must sample the same pixels as float32."""
+    h, w, heads, dim = 128, 64, 2, 4  # powers of two: every pixel centre below is exact in fp16
+    attn = _attention(dim, heads, [1])
     g = torch.Generator().manual_seed(0)
-    value = torch.randn(2, 5, 7, 9, generator=g)
-    grid = torch.rand(2, 6, 4, 2, generator=g) * 2.6 - 1.3  # partly outside [-1, 1]: zeros padding matters
-    reference = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    assert torch.allclose(gather_grid_sample(value, grid), reference, atol=1e-6)
-
-    paths = {}
-    for gather in (False, True):
-        path = tmp_path / f"sampler_{gather}.onnx"
-        with use_gather_sampler(gather), torch.no_grad():
-            torch.onnx.export(Sampler(), (value, grid), str(path), dynamo=False, opset_version=19,
-                              input_names=["value", "grid"], output_names=["out"])
-        paths[gather] = path
-    counts = op_counts(onnx.load(str(paths[True])))
-    assert "GridSample" not in counts and counts.get("GatherElements", 0) == 4
-    assert op_counts(onnx.load(str(paths[False]))).get("GridSample") == 1
-    feeds = {"value": value.numpy(), "grid": grid.numpy()}
-    native, = _run(paths[False], **feeds)
-    gathered, = _run(paths[True], **feeds)
-    assert np.abs(native - gathered).max() <= 1e-5
-    assert np.abs(gathered - reference.numpy()).max() <= 1e-5
-    assert F.grid_sample is not None and F.grid_sample.__name__ == "grid_sample"  # restored after the block
-
-
-class GatherElements(OpRun):
-    """ONNX's reference GatherElements is np.choose, limited to 64 entries along the axis; same maths, any size."""
-
-    def _run(self, data, indices, axis=0):
-        return (np.take_along_axis(data, indices.astype(np.int64) % data.shape[axis], axis=axis),)
-
-
-def test_gather_sampler_reads_the_right_pixel_of_a_large_map_in_fp16(tmp_path):
-    """A stride-8 map at 640 has 6,400 pixels: a flat index computed in fp16 (spacing 4 above 4096) reads a
-    neighbour. The FP16 ONNX (TensorRT's input) must sample the same pixels as float32."""
-    g = torch.Generator().manual_seed(0)
-    h, w = 128, 64  # powers of two: every pixel centre below is exact in fp16, so only the index can go wrong
-    value = torch.randn(1, 2, h, w, generator=g)  # unstructured: a neighbour's value is unrelated
-    # Pixel centres in the far part of the map (flat index > 6,400), where fp16 cannot hold every integer.
-    ys = torch.randint(100, h, (1, 16, 1), generator=g).float()
-    xs = torch.randint(0, w, (1, 16, 1), generator=g).float()
-    grid = torch.stack([(2 * xs + 1) / w - 1, (2 * ys + 1) / h - 1], -1)  # [1, 16, 1, 2]
-    reference = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    path = tmp_path / "sampler.onnx"
-    with use_gather_sampler(), torch.no_grad():
-        torch.onnx.export(Sampler(), (value, grid), str(path), dynamo=False, opset_version=19,
-                          input_names=["value", "grid"], output_names=["out"])
-    half = tmp_path / "sampler_fp16.onnx"
+    memory = torch.randn(1, h * w, dim, generator=g)  # unstructured: a neighbour's value is unrelated
+    # Pixel centres in the far part of the map (row index > 8,192), where fp16 cannot hold every integer.
+    ys = torch.randint(100, h, (1, 16, heads, 1), generator=g).float()
+    xs = torch.randint(0, w, (1, 16, heads, 1), generator=g).float()
+    locs = torch.stack([(xs + 0.5) / w, (ys + 0.5) / h], -1)  # [1, 16, heads, 1, 2]
+    weights = torch.ones(1, 16, heads, 1)
+    sampler = RowSampling(attn, [(h, w)])
+    path = tmp_path / "rows.onnx"
+    with torch.no_grad():
+        reference = sampler(memory, locs, weights)
+        torch.onnx.export(sampler, (memory, locs, weights), str(path), dynamo=False, opset_version=19,
+                          input_names=["memory", "locs", "weights"], output_names=["out"])
+    # The exact pixels, read directly: the sampler is right in float32 first.
+    tokens = (ys * w + xs).long()[0, :, :, 0]  # [16, heads]
+    direct = memory[0].reshape(h * w, heads, dim // heads)[tokens, torch.arange(heads)].reshape(16, dim)
+    torch.testing.assert_close(reference[0], direct)
+    half = tmp_path / "rows_fp16.onnx"
     onnx.save(convert_to_fp16(onnx.load(str(path))), str(half))
     # ONNX Runtime's CPU kernels upcast fp16 arithmetic to float32 between casts, which hides the rounding a
     # GPU runtime does; ONNX's reference evaluator computes every fp16 node in fp16, as TensorRT does.
-    out, = ReferenceEvaluator(onnx.load(str(half)), new_ops=[GatherElements]).run(None, {"value": value.numpy(), "grid": grid.numpy()})
+    out, = ReferenceEvaluator(onnx.load(str(half))).run(
+        None, {"memory": memory.numpy(), "locs": locs.numpy(), "weights": weights.numpy()})
     # fp16 rounding of the values themselves is ~1e-3; a wrong pixel is off by O(1).
     assert np.abs(out.astype(np.float32) - reference.numpy()).max() <= 1e-2
 
 
-def test_gather_sampler_reaches_the_model_decoder(monkeypatch):
-    from dfineseg.config import ModelConfig
-    from dfineseg.export import gather_sampler
-    from dfineseg.model.dfine import DeployModel, build_model
+class GridSampleDeploy(SmallDeploy):
+    """The stand-in sampling through grid_sample, as a training-mode trace would."""
 
-    torch.manual_seed(0)
-    deploy = DeployModel(build_model(ModelConfig(size="tiny", num_queries=20), 2), topk=5).eval()
-    x = torch.rand(1, 3, 64, 64)
-    calls = []
-
-    def spy(value, grid):
-        calls.append(value.shape)
-        return gather_grid_sample(value, grid)
-
-    with torch.no_grad():
-        native = deploy(x)
-        monkeypatch.setattr(gather_sampler, "gather_grid_sample", spy)
-        with use_gather_sampler():
-            swapped = deploy(x)
-    assert calls, "deformable attention did not sample through the patched grid_sample"
-    for a, b in zip(native, swapped):
-        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    def forward(self, images: torch.Tensor):
+        out = super().forward(images)
+        grid = torch.zeros(images.shape[0], 1, 1, 2)
+        extra = F.grid_sample(out[3].permute(0, 3, 1, 2), grid, align_corners=False).flatten(1)
+        return (out[0] + extra[:, :1] * 0, *out[1:])
 
 
-def test_export_onnx_refuses_a_graph_that_kept_gridsample(tmp_path, monkeypatch):
-    from dfineseg.export import gather_sampler
-
-    # As if the decoder sampled through a name the switch cannot reach: the graph keeps GridSample.
-    monkeypatch.setattr(gather_sampler, "_patched_grid_sample", gather_sampler._ORIGINAL_GRID_SAMPLE)
+def test_export_onnx_refuses_a_graph_with_gridsample(tmp_path):
     with pytest.raises(ExportError, match="GridSample"):
-        export_onnx(SmallDeploy().eval(), tmp_path / "m.onnx", imgsz=(64, 64), simplify=False, gather_sampler=True)
+        export_onnx(GridSampleDeploy().eval(), tmp_path / "m.onnx", imgsz=(64, 64), simplify=False)
 
 
 def test_layernorm_is_native_at_opset_17_and_decomposed_form_is_detected(tmp_path):
@@ -182,8 +185,17 @@ def test_fp16_onnx_has_float32_io_keeps_layernorm_fp32_and_runs_in_onnxruntime(t
     conv_w = [n.input[1] for n in fp16.graph.node if n.op_type == "Conv"]
     assert conv_w and all(weights[w] == onnx.TensorProto.FLOAT16 for w in conv_w)
     producers = {o: n for n in fp16.graph.node for o in n.output}
+    # The float Ranges (the sampler's integer Ranges stay integer in any precision).
+    inferred = onnx.shape_inference.infer_shapes(fp32)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    types.update({t.name: t.data_type for t in fp32.graph.initializer})
+    for n in fp32.graph.node:
+        if n.op_type == "Constant":
+            types[n.output[0]] = n.attribute[0].t.data_type
+    float_ranges = {n.name for n in fp32.graph.node if n.op_type == "Range" and types.get(n.input[0]) == onnx.TensorProto.FLOAT}
+    assert float_ranges
     for node in fp16.graph.node:
-        if node.op_type in ("LayerNormalization", "Range"):
+        if node.op_type == "LayerNormalization" or node.name in float_ranges:
             src = producers.get(node.input[0])
             x_is_fp32 = (src is not None and src.op_type == "Cast" and src.attribute[0].i == onnx.TensorProto.FLOAT) or (
                 weights.get(node.input[0]) == onnx.TensorProto.FLOAT

@@ -68,6 +68,29 @@ def mask_anchor_boxes(mask_logits: torch.Tensor, fallback_unact: torch.Tensor, w
     return torch.where(rows.any(-1, keepdim=True), box, fallback_unact)
 
 
+def _neighbours(pos: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For pixel coordinates `pos` [..., P] on an axis of `size` [P] pixels: the two neighbouring pixels [..., 2, P],
+    clamped into the map (whole numbers, in pos's dtype), and their bilinear weights with zeros padding (a
+    neighbour outside the map weighs 0). The pair axis is second to last, not last: ONNX Runtime broadcasts an
+    innermost axis of 2 element by element (0.5 ms per operation at S; the points axis keeps runs contiguous)."""
+    low = torch.floor(pos)[..., None, :]
+    frac = pos[..., None, :] - low
+    step = torch.tensor([[0.0], [1.0]], dtype=pos.dtype, device=pos.device)  # [2, 1]
+    near = low + step
+    inside = torch.clamp(near + 1, 0, 1) * torch.clamp(size - near, 0, 1)  # 1 for 0 <= near <= size-1, else 0
+    weight = (frac * step + (1 - frac) * (1 - step)) * inside
+    return torch.minimum(torch.clamp(near, min=0), size - 1), weight
+
+
+def _level_starts(shapes: list[tuple[int, int]]) -> list[int]:
+    """Each level's first token in the flattened memory."""
+    starts, at = [], 0
+    for h, w in shapes:
+        starts.append(at)
+        at += h * w
+    return starts
+
+
 def linear_stack_forward(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
     """Linear layers with ReLU between them (none after the last): the MLP of every head and the mask
     head's query embedding."""
@@ -117,9 +140,10 @@ class MSDeformableAttention(nn.Module):
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
 
-    def forward(self, query: torch.Tensor, ref: torch.Tensor, values: list[torch.Tensor],
+    def forward(self, query: torch.Tensor, ref: torch.Tensor, values: list[torch.Tensor] | torch.Tensor,
                 shapes: list[tuple[int, int]]) -> torch.Tensor:
-        """query [B,Q,D]; ref [B,Q,4] cxcywh; values: per level [B*heads, D/heads, H, W]."""
+        """query [B,Q,D]; ref [B,Q,4] cxcywh; values: per level [B*heads, D/heads, H, W], or the token memory
+        [B, sum(HW), D] itself (eval mode: `_gather_rows`)."""
         b, q, _ = query.shape
         total = sum(self.points)
         offsets = self.sampling_offsets(query).reshape(b, q, self.heads, total, 2)
@@ -127,6 +151,8 @@ class MSDeformableAttention(nn.Module):
         scale = self.num_points_scale.to(query.dtype)[:, None]
         ref = ref[:, :, None, None, :]
         locs = ref[..., :2] + offsets * scale * ref[..., 2:] * self.offset_scale
+        if isinstance(values, torch.Tensor):
+            return self._gather_rows(values, locs, weights, shapes)
         grids = (2 * locs - 1).permute(0, 2, 1, 3, 4).flatten(0, 1)  # [B*heads, Q, total, 2]
         weights = weights.permute(0, 2, 1, 3).reshape(b * self.heads, 1, q, total)
         # Weighted per level and summed, never concatenated: OpenVINO runs a Concat of INT8 samples on its
@@ -136,6 +162,44 @@ class MSDeformableAttention(nn.Module):
             level = (F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False) * w).sum(-1)
             out = level if out is None else out + level
         return out.reshape(b, -1, q).transpose(1, 2)  # [B*heads, D/heads, Q] -> [B, Q, D]
+
+    def _gather_rows(self, memory: torch.Tensor, locs: torch.Tensor, weights: torch.Tensor,
+                     shapes: list[tuple[int, int]]) -> torch.Tensor:
+        """The same bilinear samples (zeros outside, align_corners=False) read as rows of the token memory.
+
+        memory [B, N, D] viewed as a table of [B*N*heads, D/heads] rows (a reshape: row = (b*N + token)*heads +
+        head); each sample point's four corners are rows, and the attention-weighted bilinear sum over all
+        points and corners is one batched product. Every level in one gather, every head channel of a pixel in
+        one contiguous row: GridSample reads a [heads, D/heads, H, W] map a channel plane at a time, which on a
+        CPU misses the cache once per channel on the large stride-8 map.
+        """
+        b, n, d = memory.shape
+        heads, ch = self.heads, d // self.heads
+        _, q, _, total, _ = locs.shape
+        dtype, device = locs.dtype, locs.device
+        # Per sample point: its level's width, height and first token (constants of an exported graph).
+        per_point = [(w, h, start) for (h, w), start, p in zip(shapes, _level_starts(shapes), self.points, strict=True)
+                     for _ in range(p)]
+        width = torch.tensor([t[0] for t in per_point], dtype=dtype, device=device)
+        height = torch.tensor([t[1] for t in per_point], dtype=dtype, device=device)
+        # The two neighbours along each axis on a new axis ([B,Q,heads,2,P]; broadcasting, not stacking: a concat
+        # per layer costs OpenVINO ~0.6 ms), each with its bilinear weight, zero when it lies outside the map.
+        near_x, weight_x = _neighbours(locs[..., 0] * width - 0.5, width)
+        near_y, weight_y = _neighbours(locs[..., 1] * height - 0.5, height)
+        # Row of pixel (y, x) of level l, batch b, head h in the [B*N*heads, D/heads] table. Only whole numbers
+        # below the map sizes pass through float (exact even in bfloat16 up to 256); the index itself is
+        # integer arithmetic (a float index is rounded in reduced precision: docs/BENCHMARKS.md, session 13).
+        start = torch.tensor([t[2] for t in per_point], dtype=torch.int32, device=device)
+        row_len = torch.tensor([t[0] * heads for t in per_point], dtype=torch.int32, device=device)
+        first = ((torch.arange(b, dtype=torch.int32, device=device) * n).reshape(b, 1, 1, 1) + start) * heads
+        first = first + torch.arange(heads, dtype=torch.int32, device=device).reshape(1, 1, heads, 1)
+        rows = first[..., None, :] + near_y.to(torch.int32) * row_len  # [B,Q,heads,2,P]
+        # Each query-head's K = 4P rows and weights, ordered (corner y, corner x, point): one bag per query-head.
+        index = (rows[..., :, None, :] + (near_x.to(torch.int32) * heads)[..., None, :, :]).reshape(-1)
+        coeff = (weights[..., None, None, :] * weight_y[..., :, None, :] * weight_x[..., None, :, :]).reshape(
+            b, q, heads, 1, total * 4)
+        picked = memory.reshape(-1, ch).index_select(0, index).reshape(b, q, heads, total * 4, ch)
+        return (coeff @ picked).reshape(b, q, d)
 
 
 class Gate(nn.Module):
@@ -375,6 +439,11 @@ class DFINEDecoder(nn.Module):
         if self.balance is not None:  # the balance-aware query: interaction, then the second selection
             content, ref_unact, balance_aux = self.balance(content, ref_unact, self.enc_score_head, topk)
             memory = self.balance.optimize_memory(memory, content, ref_unact)  # BATO: the values the decoder reads
+        # Eval mode samples rows of the token memory itself (MSDeformableAttention._gather_rows); training keeps
+        # grid_sample over per-level maps, so trained weights never depend on the deployment form.
+        if not self.training:
+            values: list[torch.Tensor] | torch.Tensor = memory
+        elif self.balance is not None:
             values = self._memory_values(memory, shapes)
         else:
             values = self._head_values(maps)
@@ -399,7 +468,8 @@ class DFINEDecoder(nn.Module):
 
     def _run_layers(self, target: torch.Tensor, ref_unact: torch.Tensor, values: list[torch.Tensor],
                     shapes: list[tuple[int, int]], attn_mask: torch.Tensor | None) -> dict[str, Any]:
-        """`values`: the cross-attention values, one [B*heads, D/heads, H, W] map per level."""
+        """`values`: the cross-attention values, one [B*heads, D/heads, H, W] map per level (training), or the
+        token memory [B, N, D] whose rows eval mode samples (MSDeformableAttention._gather_rows)."""
         dec = self.decoder
         project = weighting_function(self.reg_max, self.up, self.reg_scale)
 

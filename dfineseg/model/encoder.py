@@ -89,8 +89,30 @@ class RepNCSPELAN4(nn.Module):
         self.cv3 = nn.Sequential(CSPLayer(c4, c4, n), ConvNorm(c4, c4, 3, act="silu"))
         self.cv4 = ConvNorm(c3 + 2 * c4, c2, 1, act="silu")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.cv1(x).split((self.split, self.split), dim=1)
+    def forward(self, x: torch.Tensor, fine: torch.Tensor | None = None) -> torch.Tensor:
+        """The block on `x`; or, given `fine`, on `cat([nearest 2x upsample of x, fine])` (the FPN's top-down step).
+
+        In eval mode the second form runs cv1's half for the upsampled map before the upsample: a 1x1
+        convolution commutes with nearest-neighbour upsampling (each upsampled pixel is a copy), so half of
+        cv1's multiply-adds run at a quarter of the pixels and its output is upsampled instead. Same function
+        up to summation order; at S and 640 px the stride-8 block's cv1 is the encoder's largest convolution
+        (1.7 GMAC). Training keeps the concatenation, like the other deployment rewrites, so trained weights
+        never depend on it.
+        """
+        if fine is None:
+            return self._after_cv1(self.cv1(x))
+        if self.training:
+            return self._after_cv1(self.cv1(torch.cat([F.interpolate(x, scale_factor=2.0, mode="nearest"), fine],
+                                                      dim=1)))
+        weight, bias = _fold_norm(self.cv1.conv, self.cv1.norm)
+        # The two inputs are equally wide (the hidden width); a plain int, not x.shape[1], so that an exported
+        # graph slices the kernel into constants (a wrong width still fails in the convolution).
+        c = self.cv1.conv.in_channels // 2
+        top = F.interpolate(F.conv2d(x, weight[:, :c]), scale_factor=2.0, mode="nearest")
+        return self._after_cv1(self.cv1.act(top + F.conv2d(fine, weight[:, c:], bias)))
+
+    def _after_cv1(self, y: torch.Tensor) -> torch.Tensor:
+        a, b = y.split((self.split, self.split), dim=1)
         c = self.cv2(b)
         d = self.cv3(c)
         return self.cv4(torch.cat([a, b, c, d], dim=1))
@@ -229,14 +251,13 @@ class HybridEncoder(nn.Module):
             proj[idx] = enc(tokens, pos).transpose(1, 2).reshape(b, c, h, w)
 
         # Top-down: the coarser map goes through its lateral conv (kept as the new coarse output), is
-        # upsampled and fused with the next finer level.
+        # upsampled and fused with the next finer level (the block does both: RepNCSPELAN4.forward).
         levels = len(proj)
         inner = [proj[-1]]
         for step, idx in enumerate(range(levels - 1, 0, -1)):
             top = self.lateral_convs[step](inner[0])
             inner[0] = top
-            up = F.interpolate(top, scale_factor=2.0, mode="nearest")
-            inner.insert(0, self.fpn_blocks[step](torch.cat([up, proj[idx - 1]], dim=1)))
+            inner.insert(0, self.fpn_blocks[step](top, proj[idx - 1]))
 
         outs = [inner[0]]
         for step in range(levels - 1):
