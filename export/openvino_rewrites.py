@@ -27,8 +27,8 @@ def fuse_sampling_bags(model: Any) -> int:
         match = _sampling_form(matmul)
         if match is None:
             continue
-        weights, table, index, out_shape = match
-        bags = ops.constant([-1, int(weights.get_partial_shape()[-1].get_length())], dtype=np.int64)
+        weights, table, index, per_bag, out_shape = match
+        bags = ops.constant([-1, per_bag], dtype=np.int64)
         summed = ops.embedding_bag_packed_sum(table, ops.reshape(index, bags, special_zero=False),
                                               ops.reshape(weights, bags, special_zero=False))
         result = ops.reshape(summed, ops.constant(out_shape, dtype=np.int64), special_zero=False)
@@ -41,9 +41,9 @@ def fuse_sampling_bags(model: Any) -> int:
     return replaced
 
 
-def _sampling_form(matmul: Any) -> tuple[Any, Any, Any, list[int]] | None:
-    """(weights, table, index, output shape) when `matmul` is the sampling's weighted sum with static shapes,
-    else None."""
+def _sampling_form(matmul: Any) -> tuple[Any, Any, Any, int, list[int]] | None:
+    """(weights, table, index, rows per bag K, output shape) when `matmul` is the sampling's weighted sum with
+    static shapes, else None."""
     if matmul.get_transpose_a() or matmul.get_transpose_b():
         return None
     weights, gathered = matmul.input_value(0), matmul.input_value(1)
@@ -57,16 +57,14 @@ def _sampling_form(matmul: Any) -> tuple[Any, Any, Any, list[int]] | None:
     if axis.get_type_name() != "Constant" or [int(a) for a in axis.get_vector()] != [0]:
         return None
     table, index = gather.input_value(0), gather.input_value(1)
-    w_shape, g_shape, out = weights.get_partial_shape(), gathered.get_partial_shape(), matmul.get_output_partial_shape(0)
-    if (table.get_partial_shape().rank.get_length() != 2 or index.get_partial_shape().rank.get_length() != 1
-            or w_shape.rank.is_dynamic or g_shape.rank.is_dynamic or w_shape.rank.get_length() < 3):
-        return None
-    # weights [..., 1, K] against rows [..., K, C]: one bag of K rows per leading index.
-    if not (w_shape[-2].is_static and w_shape[-2].get_length() == 1 and w_shape[-1].is_static
-            and g_shape[-2].is_static and g_shape[-2].get_length() == w_shape[-1].get_length()):
-        return None
     # OpenVINO's CPU plugin refuses to compile an EmbeddingBagPackedSum of dynamic shape (2026.4: "to_shape was
     # called on a dynamic shape"), so a dynamic-batch export keeps the gather and the product.
-    if out.is_dynamic or table.get_partial_shape().is_dynamic or index.get_partial_shape().is_dynamic:
+    parts = (weights.get_partial_shape(), gathered.get_partial_shape(), table.get_partial_shape(),
+             index.get_partial_shape(), matmul.get_output_partial_shape(0))
+    if any(p.is_dynamic for p in parts):
         return None
-    return weights, table, index, [d.get_length() for d in out]
+    w, g, t, i, out = ([d.get_length() for d in p] for p in parts)
+    # weights [..., 1, K] against rows [..., K, C]: one bag of K rows per leading index.
+    if len(t) != 2 or len(i) != 1 or len(w) < 3 or w[-2] != 1 or len(g) < 2 or g[-2] != w[-1]:
+        return None
+    return weights, table, index, w[-1], out

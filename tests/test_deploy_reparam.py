@@ -141,7 +141,7 @@ def test_fpn_block_in_eval_mode_convolves_the_coarse_map_before_upsampling_it(tm
     assert grad[:, :8].abs().sum() > 0 and grad[:, 8:].abs().sum() > 0
 
 
-def test_decoder_in_eval_mode_samples_rows_of_the_memory_as_training_samples_its_maps():
+def test_decoder_in_eval_mode_samples_rows_of_the_memory_as_training_samples_its_maps(monkeypatch):
     """Eval mode (validation, every export) reads the cross-attention values as rows of the token memory
     (MSDeformableAttention._gather_rows); training samples per-level maps with grid_sample. Same decoder output."""
     torch.manual_seed(0)
@@ -164,10 +164,7 @@ def test_decoder_in_eval_mode_samples_rows_of_the_memory_as_training_samples_its
     # The eval forward takes the row form (no grid_sample is called).
     calls = []
     original = torch.nn.functional.grid_sample
-    torch.nn.functional.grid_sample = lambda *a, **k: calls.append(1) or original(*a, **k)
-    try:
-        with torch.no_grad():
-            model(torch.rand(1, 3, 64, 64))
-    finally:
-        torch.nn.functional.grid_sample = original
+    monkeypatch.setattr(torch.nn.functional, "grid_sample", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        model(torch.rand(1, 3, 64, 64))
     assert not calls

@@ -16,7 +16,7 @@ from torch import nn
 from dfineseg.export.errors import ExportBackendUnavailable, ExportError
 from dfineseg.export.fp16 import convert_to_fp16
 from dfineseg.export.onnx_export import decomposed_layernorms, export_onnx, op_counts
-from dfineseg.model.decoder import MSDeformableAttention
+from dfineseg.model.decoder import MSDeformableAttention, memory_value_maps
 
 # The TorchScript exporter warns that it is deprecated on every call; it is the one chosen (native LN, one file).
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -84,10 +84,7 @@ def test_row_sampler_equals_grid_sample_in_torch_and_onnxruntime(tmp_path):
     g = torch.Generator().manual_seed(1)
     query, ref = torch.randn(2, 7, dim, generator=g), torch.rand(2, 7, 4, generator=g)
     memory = torch.randn(2, sum(h * w for h, w in shapes), dim, generator=g)
-    # What training samples: per level [B*heads, D/heads, H, W] (DFINEDecoder._memory_values).
-    maps = [m.reshape(2 * heads, dim // heads, h, w) for m, (h, w) in zip(
-        memory.reshape(2, -1, heads, dim // heads).permute(0, 2, 3, 1).split([h * w for h, w in shapes], -1),
-        shapes, strict=True)]
+    maps = memory_value_maps(memory, shapes, heads)  # what training samples: per level [B*heads, D/heads, H, W]
     with torch.no_grad():
         rows = attn(query, ref, memory, shapes)
         planes = attn(query, ref, maps, shapes)

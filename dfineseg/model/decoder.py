@@ -82,6 +82,14 @@ def _neighbours(pos: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.minimum(torch.clamp(near, min=0), size - 1), weight
 
 
+def memory_value_maps(memory: torch.Tensor, shapes: list[tuple[int, int]], heads: int) -> list[torch.Tensor]:
+    """Per-level cross-attention value maps [B*heads, D/heads, H, W] from token memory [B, sum(HW), D]: what
+    training's grid_sample reads when BATO has changed the memory (eval mode reads the memory's rows instead)."""
+    b, n, d = memory.shape
+    per_level = memory.reshape(b, n, heads, d // heads).permute(0, 2, 3, 1).split([h * w for h, w in shapes], -1)
+    return [v.reshape(b * heads, d // heads, h, w) for v, (h, w) in zip(per_level, shapes, strict=True)]
+
+
 def _level_starts(shapes: list[tuple[int, int]]) -> list[int]:
     """Each level's first token in the flattened memory."""
     starts, at = [], 0
@@ -395,12 +403,6 @@ class DFINEDecoder(nn.Module):
         heads = self.decoder.heads
         return [m.reshape(m.shape[0] * heads, m.shape[1] // heads, m.shape[2], m.shape[3]) for m in maps]
 
-    def _memory_values(self, memory: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """The same per-level value maps from token memory (used when BATO has changed the memory)."""
-        b, n, d = memory.shape
-        heads = self.decoder.heads
-        per_level = memory.reshape(b, n, heads, d // heads).permute(0, 2, 3, 1).split([h * w for h, w in shapes], -1)
-        return [v.reshape(b * heads, d // heads, h, w) for v, (h, w) in zip(per_level, shapes, strict=True)]
 
     # ------------------------------------------------------------------ forward
     def forward(self, feats: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None,
@@ -444,7 +446,7 @@ class DFINEDecoder(nn.Module):
         if not self.training:
             values: list[torch.Tensor] | torch.Tensor = memory
         elif self.balance is not None:
-            values = self._memory_values(memory, shapes)
+            values = memory_value_maps(memory, shapes, self.decoder.heads)
         else:
             values = self._head_values(maps)
         if select_masks is not None:
